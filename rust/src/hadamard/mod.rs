@@ -1,0 +1,324 @@
+//! Fast Hadamard transforms of any length, applied to every row of a batch.
+//!
+//! Convention (row vectors, as `nn.Linear` uses them): for a row `x` of length `n`,
+//! `forward(x) = (x ⊙ signs) @ H_n` and `inverse(y) = (y @ H_nᵀ) ⊙ signs`, where `H_n` is the matrix
+//! [`plan::plan`] chooses, scaled by `1/sqrt(block size)` when normalized (orthonormal) or left as
+//! raw ±1 entries otherwise (then `inverse` divides by the block size, so it stays the inverse).
+//! Every built-in matrix is symmetric, so normalized forward without signs is an involution.
+
+pub mod fwht;
+pub mod plan;
+pub mod small;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::real::Real;
+pub use plan::{plan, plan_strict, Block, Plan, MAX_N};
+pub use small::BASE_ORDERS;
+
+/// Column mix of a `k × p` row-major block: `x[a, :] ← Σ_a' table[a'·k + a] · x[a', :]`
+/// (that is `xᵀ ← tableᵀ · xᵀ`, the `H_k ⊗ I_p` factor), in strips of columns through `scratch`.
+#[inline(always)]
+fn mix_body<T: Real>(x: &mut [T], k: usize, p: usize, table: &[T], scratch: &mut [T]) {
+    const STRIP: usize = 64;
+    let mut j0 = 0;
+    while j0 < p {
+        let w = STRIP.min(p - j0);
+        for a in 0..k {
+            let out = &mut scratch[a * w..(a + 1) * w];
+            out.fill(T::ZERO);
+            for a2 in 0..k {
+                let c = table[a2 * k + a];
+                let src = &x[a2 * p + j0..a2 * p + j0 + w];
+                for (o, &s) in out.iter_mut().zip(src) {
+                    *o += c * s;
+                }
+            }
+        }
+        for a in 0..k {
+            x[a * p + j0..a * p + j0 + w].copy_from_slice(&scratch[a * w..(a + 1) * w]);
+        }
+        j0 += w;
+    }
+}
+
+crate::multiversion! {
+    fn mix<T: Real>(x: &mut [T], k: usize, p: usize, table: &[T], scratch: &mut [T]) = mix_body;
+}
+
+#[inline(always)]
+fn mul_signs_body<T: Real>(x: &mut [T], signs: &[T]) {
+    for (v, &s) in x.iter_mut().zip(signs) {
+        *v = *v * s;
+    }
+}
+
+crate::multiversion! {
+    fn mul_signs<T: Real>(x: &mut [T], signs: &[T]) = mul_signs_body;
+}
+
+struct BlockOp<T> {
+    offset: usize,
+    k: usize,
+    m: u32,
+    /// Scale applied to every output of the block.
+    scale: T,
+    /// `k × k` base matrix times `scale` (empty for k = 1).
+    table: Vec<T>,
+}
+
+/// A prepared transform of length `n`: plan, scales and base tables, reusable across calls.
+pub struct Hadamard<T: Real> {
+    plan: Plan,
+    ops: Vec<BlockOp<T>>,
+    signs: Option<Vec<T>>,
+    inverse: bool,
+    scratch_len: usize,
+}
+
+impl<T: Real> Hadamard<T> {
+    /// Prepare the transform for `plan`. `signs` (length n, each ±1) are applied before the matrix
+    /// (forward) or after it (inverse).
+    pub fn new(plan: Plan, normalize: bool, inverse: bool, signs: Option<&[i8]>) -> Result<Self> {
+        let signs = match signs {
+            None => None,
+            Some(s) => {
+                if s.len() != plan.n {
+                    return Err(Error::Shape {
+                        arg: "signs",
+                        detail: format!("has length {}, the transform length is {}", s.len(), plan.n),
+                    });
+                }
+                if let Some(i) = s.iter().position(|&v| v != 1 && v != -1) {
+                    return Err(Error::Value {
+                        arg: "signs",
+                        detail: format!("signs[{i}] = {} is not +1 or -1", s[i]),
+                    });
+                }
+                Some(s.iter().map(|&v| T::from_f64(v as f64)).collect())
+            }
+        };
+        let mut scratch_len = 0;
+        let ops = plan
+            .blocks
+            .iter()
+            .map(|b| {
+                let size = b.size() as f64;
+                let scale = if normalize {
+                    1.0 / size.sqrt()
+                } else if inverse {
+                    1.0 / size
+                } else {
+                    1.0
+                };
+                let table = match small::base_matrix(b.k) {
+                    None => Vec::new(),
+                    Some(h) => {
+                        scratch_len = scratch_len.max(b.k * 64);
+                        h.data.iter().map(|&v| T::from_f64(v as f64 * scale)).collect()
+                    }
+                };
+                BlockOp { offset: b.offset, k: b.k, m: b.m, scale: T::from_f64(scale), table }
+            })
+            .collect();
+        Ok(Hadamard { plan, ops, signs, inverse, scratch_len })
+    }
+
+    pub fn n(&self) -> usize {
+        self.plan.n
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn matrix_in_place(&self, x: &mut [T], scratch: &mut [T]) {
+        for op in &self.ops {
+            let seg = &mut x[op.offset..op.offset + (op.k << op.m)];
+            if op.k == 1 {
+                fwht::fwht_scaled(seg, op.scale);
+            } else {
+                let p = 1usize << op.m;
+                if p > 1 {
+                    for row in seg.chunks_exact_mut(p) {
+                        fwht::fwht_scaled(row, T::ONE);
+                    }
+                }
+                mix(seg, op.k, p, &op.table, scratch);
+            }
+        }
+    }
+
+    /// Transform one vector in place (`x.len() == n`); `scratch.len() >= self.scratch_len()`.
+    pub fn apply_one(&self, x: &mut [T], scratch: &mut [T]) {
+        debug_assert_eq!(x.len(), self.plan.n);
+        match (&self.signs, self.inverse) {
+            (Some(s), false) => {
+                mul_signs(x, s);
+                self.matrix_in_place(x, scratch);
+            }
+            (Some(s), true) => {
+                self.matrix_in_place(x, scratch);
+                mul_signs(x, s);
+            }
+            (None, _) => self.matrix_in_place(x, scratch),
+        }
+    }
+
+    pub fn scratch_len(&self) -> usize {
+        self.scratch_len
+    }
+
+    /// Transform every row of `x` (row-major, `x.len() = rows · n`) in place, rows in parallel.
+    pub fn apply_rows(&self, x: &mut [T]) -> Result<()> {
+        let n = self.plan.n;
+        if n == 0 {
+            return Ok(());
+        }
+        if x.len() % n != 0 {
+            return Err(Error::Shape {
+                arg: "x",
+                detail: format!("has {} elements, not a whole number of rows of length {n}", x.len()),
+            });
+        }
+        // ~256 KB of work per task keeps the rayon overhead negligible and the rows in cache.
+        let rows_per_task = ((1usize << 16) / n).max(1);
+        let scratch_len = self.scratch_len;
+        let work = |x: &mut [T]| {
+            x.par_chunks_mut(rows_per_task * n).for_each_init(
+                || vec![T::ZERO; scratch_len],
+                |scratch, chunk| {
+                    for row in chunk.chunks_exact_mut(n) {
+                        self.apply_one(row, scratch);
+                    }
+                },
+            )
+        };
+        if x.len() <= rows_per_task * n {
+            let mut scratch = vec![T::ZERO; scratch_len];
+            for row in x.chunks_exact_mut(n) {
+                self.apply_one(row, &mut scratch);
+            }
+        } else {
+            crate::threads::install(|| work(x));
+        }
+        Ok(())
+    }
+}
+
+/// Dense `n × n` matrix `M` of the transform, so that `forward(x) = x @ M` (row-major, f64).
+pub fn dense_matrix(h: &Hadamard<f64>) -> Vec<f64> {
+    let n = h.n();
+    let mut m = vec![0.0; n * n];
+    for (i, row) in m.chunks_exact_mut(n.max(1)).enumerate() {
+        row[i] = 1.0;
+    }
+    // Row i of M is forward(e_i).
+    let _ = h.apply_rows(&mut m);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transform(n: usize, normalize: bool, inverse: bool, signs: Option<&[i8]>) -> Hadamard<f64> {
+        Hadamard::new(plan(n).unwrap(), normalize, inverse, signs).unwrap()
+    }
+
+    fn assert_orthonormal(m: &[f64], n: usize) {
+        for i in 0..n {
+            for j in 0..n {
+                let d: f64 = (0..n).map(|t| m[i * n + t] * m[j * n + t]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((d - want).abs() < 1e-9, "n = {n}, ({i}, {j}): {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_base_order_times_small_powers_is_orthonormal_and_involutive() {
+        for &k in &BASE_ORDERS {
+            for m in 0..=2 {
+                let n = k << m;
+                let h = transform(n, true, false, None);
+                let mat = dense_matrix(&h);
+                assert_orthonormal(&mat, n);
+                // Entries are ±1/sqrt(n): a true Hadamard matrix.
+                let e = 1.0 / (n as f64).sqrt();
+                assert!(mat.iter().all(|v| (v.abs() - e).abs() < 1e-12), "n = {n}");
+                // Symmetric => involution.
+                for i in 0..n {
+                    for j in 0..i {
+                        assert!((mat[i * n + j] - mat[j * n + i]).abs() < 1e-12);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fallback_is_orthonormal() {
+        for n in [3usize, 5, 7, 100, 231] {
+            let mat = dense_matrix(&transform(n, true, false, None));
+            assert_orthonormal(&mat, n);
+        }
+    }
+
+    #[test]
+    fn inverse_undoes_forward_with_signs_raw_and_normalized() {
+        for n in [1usize, 2, 12, 24, 100, 576, 1536] {
+            let signs = crate::rng::random_signs(n, 11);
+            for normalize in [true, false] {
+                let x: Vec<f64> = (0..3 * n).map(|i| ((i * 31 % 17) as f64) - 8.0).collect();
+                let mut y = x.clone();
+                transform(n, normalize, false, Some(&signs)).apply_rows(&mut y).unwrap();
+                transform(n, normalize, true, Some(&signs)).apply_rows(&mut y).unwrap();
+                for (a, b) in x.iter().zip(&y) {
+                    assert!((a - b).abs() < 1e-9, "n = {n}, normalize = {normalize}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kron_block_matches_dense_kronecker() {
+        let (k, m) = (12usize, 3u32);
+        let p = 1usize << m;
+        let n = k * p;
+        let mat = dense_matrix(&transform(n, false, false, None));
+        let hk = small::base_matrix(k).unwrap();
+        for i in 0..n {
+            for j in 0..n {
+                let (a, b, a2, b2) = (i / p, i % p, j / p, j % p);
+                let syl = if (b & b2).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                assert_eq!(mat[i * n + j], hk.get(a, a2) as f64 * syl);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_signs_and_ragged_rows_are_errors() {
+        let p = plan(8).unwrap();
+        assert!(matches!(
+            Hadamard::<f32>::new(p.clone(), true, false, Some(&[1, 1])),
+            Err(Error::Shape { arg: "signs", .. })
+        ));
+        assert!(matches!(
+            Hadamard::<f32>::new(p.clone(), true, false, Some(&[1, 1, 1, 0, 1, 1, 1, 1])),
+            Err(Error::Value { arg: "signs", .. })
+        ));
+        let h = Hadamard::<f32>::new(p, true, false, None).unwrap();
+        assert!(h.apply_rows(&mut [0.0f32; 12]).is_err());
+    }
+
+    #[test]
+    fn nan_propagates_without_panic() {
+        let h = Hadamard::<f32>::new(plan(576).unwrap(), true, false, None).unwrap();
+        let mut x = vec![0.0f32; 576];
+        x[3] = f32::NAN;
+        h.apply_rows(&mut x).unwrap();
+        assert!(x.iter().all(|v| v.is_nan()));
+    }
+}
