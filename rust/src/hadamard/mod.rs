@@ -170,6 +170,45 @@ impl<T: Real> Hadamard<T> {
         self.scratch_len
     }
 
+    /// `dst ← forward(src)` row by row (both `rows · n`, row-major), rows in parallel. The copy is
+    /// fused into the per-task loop so each chunk is read from memory once.
+    pub fn apply_rows_into(&self, src: &[T], dst: &mut [T]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::Shape {
+                arg: "out",
+                detail: format!("has {} elements, the input has {}", dst.len(), src.len()),
+            });
+        }
+        let n = self.plan.n;
+        if n == 0 {
+            return Ok(());
+        }
+        if src.len() % n != 0 {
+            return Err(Error::Shape {
+                arg: "x",
+                detail: format!("has {} elements, not a whole number of rows of length {n}", src.len()),
+            });
+        }
+        let rows_per_task = ((1usize << 16) / n).max(1);
+        let scratch_len = self.scratch_len;
+        let one = |s: &[T], d: &mut [T], scratch: &mut Vec<T>| {
+            d.copy_from_slice(s);
+            for row in d.chunks_exact_mut(n) {
+                self.apply_one(row, scratch);
+            }
+        };
+        if src.len() <= rows_per_task * n {
+            one(src, dst, &mut vec![T::ZERO; scratch_len]);
+        } else {
+            crate::threads::install(|| {
+                src.par_chunks(rows_per_task * n)
+                    .zip(dst.par_chunks_mut(rows_per_task * n))
+                    .for_each_init(|| vec![T::ZERO; scratch_len], |scratch, (s, d)| one(s, d, scratch));
+            });
+        }
+        Ok(())
+    }
+
     /// Transform every row of `x` (row-major, `x.len() = rows · n`) in place, rows in parallel.
     pub fn apply_rows(&self, x: &mut [T]) -> Result<()> {
         let n = self.plan.n;

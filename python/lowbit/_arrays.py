@@ -1,0 +1,120 @@
+"""Moving arrays between the caller's library (numpy or torch) and the Rust core's numpy views.
+
+The core takes C-contiguous 2-D numpy arrays of one exact dtype. :func:`to_rows` brings any input
+there — moving the chosen axis last, flattening the leading axes, upcasting fp16/bf16 to fp32 —
+copying only when it must, and :class:`Restore` turns the core's result back into the caller's
+array type, dtype, layout and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import DTypeError, ShapeError
+
+try:  # torch is optional
+    import torch as _torch
+except ImportError:  # pragma: no cover - exercised only without torch
+    _torch = None
+
+
+def is_torch(x: Any) -> bool:
+    return _torch is not None and isinstance(x, _torch.Tensor)
+
+
+@dataclass
+class Restore:
+    """How to give a core result back in the caller's form."""
+
+    torch_dtype: Any = None
+    torch_device: Any = None
+    np_dtype: Any = None
+    lead_shape: tuple = ()
+    axis: int = -1
+    ndim: int = 1
+
+    def __call__(self, rows: np.ndarray, cast: bool = True) -> Any:
+        out = rows.reshape(*self.lead_shape, rows.shape[-1])
+        if self.axis != self.ndim - 1:
+            out = np.moveaxis(out, -1, self.axis)
+        if self.torch_dtype is not None:
+            t = _torch.from_numpy(out)
+            if cast and t.dtype != self.torch_dtype:
+                t = t.to(self.torch_dtype)
+            if self.torch_device is not None and t.device != self.torch_device:
+                t = t.to(self.torch_device)
+            return t
+        if cast and self.np_dtype is not None and out.dtype != self.np_dtype:
+            out = out.astype(self.np_dtype)
+        return out
+
+
+def _normalize_axis(axis: int, ndim: int, arg: str) -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{arg}: must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"{arg}: axis {axis} is out of range for an array with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def to_rows(
+    x: Any,
+    arg: str,
+    axis: int,
+    accept: Callable[[np.dtype], np.dtype | None],
+) -> tuple[np.ndarray, Restore]:
+    """Return ``(rows, restore)``: ``rows`` is a C-contiguous ``(-1, n)`` numpy array of the dtype
+    ``accept(dtype)`` chose (``None`` means refused, raising :class:`DTypeError`).
+
+    numpy inputs and CPU torch tensors are viewed without a copy when they are already contiguous
+    along ``axis`` and of the core dtype; CUDA tensors are brought to the CPU (the GPU kernels are
+    separate) and sent back by ``restore``.
+    """
+    restore = Restore()
+    if is_torch(x):
+        t = x.detach()
+        restore.torch_dtype, restore.torch_device = t.dtype, t.device
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == _torch.bfloat16:
+            t = t.float()
+        if t.dtype == _torch.bool:
+            raise DTypeError(f"{arg}: dtype torch.bool is not supported")
+        a = t.numpy()
+    elif isinstance(x, np.ndarray):
+        a = x
+        restore.np_dtype = a.dtype
+    else:
+        raise TypeError(f"{arg}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+    if a.ndim == 0:
+        raise ShapeError(f"{arg}: must have at least one dimension, got a scalar")
+    target = accept(a.dtype)
+    if target is None:
+        raise DTypeError(f"{arg}: dtype {restore.torch_dtype or a.dtype} is not supported here")
+    ax = _normalize_axis(axis, a.ndim, "axis")
+    restore.axis, restore.ndim = ax, a.ndim
+    if ax != a.ndim - 1:
+        a = np.moveaxis(a, ax, -1)
+    restore.lead_shape = a.shape[:-1]
+    a = np.ascontiguousarray(a, dtype=target)
+    return a.reshape(-1, a.shape[-1]), restore
+
+
+def float_dtype(dtype: np.dtype) -> np.dtype | None:
+    """fp64 stays fp64; fp32, fp16 and bf16-like 16-bit floats compute in fp32; others refused."""
+    if dtype == np.float64:
+        return np.dtype(np.float64)
+    if dtype.kind == "f" or dtype.name == "bfloat16":
+        return np.dtype(np.float32)
+    return None
+
+
+def integer_dtype(dtype: np.dtype) -> np.dtype | None:
+    return dtype if dtype.kind in "iu" else None
+
+
+def uint8_only(dtype: np.dtype) -> np.dtype | None:
+    return np.dtype(np.uint8) if dtype == np.uint8 else None

@@ -1,0 +1,41 @@
+"""The exceptions lowbit raises. Every message names the offending argument and its value.
+
+The Rust core maps its one error enum onto these classes (``rust/src/py.rs``); they live here, in
+plain Python, so they can inherit from the matching built-in (``except ValueError`` keeps working)
+and pickle under their real module path.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LowbitError",
+    "UnsupportedSizeError",
+    "ShapeError",
+    "DTypeError",
+    "ValueRangeError",
+    "CheckpointError",
+]
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on purpose."""
+
+
+class UnsupportedSizeError(LowbitError, ValueError):
+    """A size no code path supports: a Hadamard length in strict mode, a bit width, ..."""
+
+
+class ShapeError(LowbitError, ValueError):
+    """Shapes or lengths that do not fit together (e.g. a packed buffer too short for ``n``)."""
+
+
+class DTypeError(LowbitError, TypeError):
+    """An array of a dtype the function does not accept."""
+
+
+class ValueRangeError(LowbitError, ValueError):
+    """A value outside its allowed set (a 2-bit code of 7, a ternary value of 2, a NaN where none may be)."""
+
+
+class CheckpointError(LowbitError, ValueError):
+    """A checkpoint that is truncated, inconsistent or of an unknown format."""

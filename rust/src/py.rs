@@ -1,0 +1,263 @@
+//! The Python bindings: the only file that knows about Python. Each function takes C-contiguous
+//! numpy arrays of an exact dtype (the Python layer `lowbit.ops` prepares them), releases the GIL
+//! around the core call through [`detached`], and returns new numpy arrays. Core errors become
+//! `lowbit.errors` exceptions in [`to_pyerr`], the single conversion point.
+
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyType;
+
+use crate::error::Error;
+use crate::hadamard::{self, Hadamard};
+use crate::pack::{self as core_pack, TernaryForm};
+use crate::real::Real;
+
+/// Map a core error to its `lowbit.errors` class (imported lazily, so the classes live — and
+/// pickle — under their real module path).
+fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
+    let name = match &e {
+        Error::UnsupportedSize { .. } => "UnsupportedSizeError",
+        Error::Shape { .. } => "ShapeError",
+        Error::Value { .. } => "ValueRangeError",
+    };
+    let msg = e.to_string();
+    let cls = py
+        .import("lowbit.errors")
+        .and_then(|m| m.getattr(name))
+        .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
+    match cls {
+        Ok(cls) => PyErr::from_type(cls, msg),
+        Err(_) => PyValueError::new_err(msg),
+    }
+}
+
+/// Run `f` with the GIL released; map its error.
+fn detached<R: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<R> + Send) -> PyResult<R> {
+    py.detach(f).map_err(|e| to_pyerr(py, e))
+}
+
+fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray2<'_, T>, arg: &'static str) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| {
+        Python::attach(|py| to_pyerr(py, Error::Shape { arg, detail: "must be C-contiguous".into() }))
+    })
+}
+
+fn reshape2<'py, T: numpy::Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    v.into_pyarray(py).reshape([rows, cols])
+}
+
+fn hadamard_impl<'py, T: Real + numpy::Element>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, T>,
+    normalize: bool,
+    inverse: bool,
+    strict: bool,
+    signs: Option<PyReadonlyArray1<'py, i8>>,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let [rows, n] = [x.shape()[0], x.shape()[1]];
+    let xs = contiguous(&x, "x")?;
+    let signs_slice = match &signs {
+        Some(s) => Some(s.as_slice().map_err(|_| {
+            to_pyerr(py, Error::Shape { arg: "signs", detail: "must be C-contiguous".into() })
+        })?),
+        None => None,
+    };
+    let out = detached(py, || {
+        let plan = if strict { hadamard::plan_strict(n)? } else { hadamard::plan(n)? };
+        let h = Hadamard::<T>::new(plan, normalize, inverse, signs_slice)?;
+        let mut out = vec![T::ZERO; xs.len()];
+        h.apply_rows_into(xs, &mut out)?;
+        Ok(out)
+    })?;
+    reshape2(py, out, rows, n)
+}
+
+/// Hadamard transform of every row of a float32 (rows, n) array; see `lowbit.hadamard`.
+#[pyfunction]
+#[pyo3(signature = (x, normalize=true, inverse=false, strict=false, signs=None))]
+fn hadamard_f32<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    normalize: bool,
+    inverse: bool,
+    strict: bool,
+    signs: Option<PyReadonlyArray1<'py, i8>>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    hadamard_impl(py, x, normalize, inverse, strict, signs)
+}
+
+/// Hadamard transform of every row of a float64 (rows, n) array; see `lowbit.hadamard`.
+#[pyfunction]
+#[pyo3(signature = (x, normalize=true, inverse=false, strict=false, signs=None))]
+fn hadamard_f64<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f64>,
+    normalize: bool,
+    inverse: bool,
+    strict: bool,
+    signs: Option<PyReadonlyArray1<'py, i8>>,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    hadamard_impl(py, x, normalize, inverse, strict, signs)
+}
+
+/// The decomposition used for length n: (exact, [(offset, k, m), ...]); block size is k·2^m.
+#[pyfunction]
+#[pyo3(signature = (n, strict=false))]
+fn hadamard_plan(py: Python<'_>, n: usize, strict: bool) -> PyResult<(bool, Vec<(usize, usize, u32)>)> {
+    let plan = if strict { hadamard::plan_strict(n) } else { hadamard::plan(n) }.map_err(|e| to_pyerr(py, e))?;
+    Ok((plan.is_exact(), plan.blocks.iter().map(|b| (b.offset, b.k, b.m)).collect()))
+}
+
+/// The K×K base matrix (int8, ±1) of a base order K.
+#[pyfunction]
+fn hadamard_base<'py>(py: Python<'py>, k: usize) -> PyResult<Bound<'py, PyArray2<i8>>> {
+    let m = hadamard::small::base_matrix(k).ok_or_else(|| {
+        to_pyerr(
+            py,
+            Error::UnsupportedSize { arg: "k", value: k, detail: format!("base orders are {:?}", hadamard::BASE_ORDERS) },
+        )
+    })?;
+    reshape2(py, m.data.clone(), k, k)
+}
+
+/// The base orders K, ascending.
+#[pyfunction]
+fn hadamard_base_orders() -> Vec<usize> {
+    hadamard::BASE_ORDERS.to_vec()
+}
+
+/// n signs (int8, ±1) from seed (SplitMix64; the stream is fixed forever).
+#[pyfunction]
+fn random_signs<'py>(py: Python<'py>, n: usize, seed: u64) -> Bound<'py, PyArray1<i8>> {
+    crate::rng::random_signs(n, seed).into_pyarray(py)
+}
+
+/// A permutation of 0..n (uint64) from seed.
+#[pyfunction]
+fn random_permutation<'py>(py: Python<'py>, n: usize, seed: u64) -> Bound<'py, PyArray1<u64>> {
+    crate::rng::random_permutation(n, seed).into_pyarray(py)
+}
+
+/// Pack uint8 codes (rows, n) into (rows, ceil(n·bits/8)) bytes; see `lowbit.pack`.
+#[pyfunction]
+fn pack<'py>(py: Python<'py>, codes: PyReadonlyArray2<'py, u8>, bits: u32) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let [rows, n] = [codes.shape()[0], codes.shape()[1]];
+    let cs = contiguous(&codes, "codes")?;
+    let (out, rb) = detached(py, || {
+        let rb = core_pack::packed_row_bytes(n, bits)?;
+        let mut out = vec![0u8; rows * rb];
+        core_pack::pack(cs, n, bits, &mut out)?;
+        Ok((out, rb))
+    })?;
+    reshape2(py, out, rows, rb)
+}
+
+/// Unpack (rows, ceil(n·bits/8)) bytes into uint8 codes (rows, n); see `lowbit.unpack`.
+#[pyfunction]
+fn unpack<'py>(py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, bits: u32, n: usize) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let rows = packed.shape()[0];
+    let ps = contiguous(&packed, "packed")?;
+    let out = detached(py, || {
+        let rb = core_pack::packed_row_bytes(n, bits)?;
+        if packed_width_mismatch(ps.len(), rows, rb) {
+            return Err(Error::Shape {
+                arg: "packed",
+                detail: format!("rows have {} bytes; n = {n} {bits}-bit codes take exactly {rb}", ps.len() / rows.max(1)),
+            });
+        }
+        let mut out = vec![0u8; rows * n];
+        core_pack::unpack(ps, n, bits, &mut out)?;
+        Ok(out)
+    })?;
+    reshape2(py, out, rows, n)
+}
+
+fn packed_width_mismatch(len: usize, rows: usize, rb: usize) -> bool {
+    len != rows * rb
+}
+
+fn ternary_form(py: Python<'_>, form: &str) -> PyResult<TernaryForm> {
+    match form {
+        "base3" => Ok(TernaryForm::Base3),
+        "2bit" => Ok(TernaryForm::TwoBit),
+        other => Err(to_pyerr(
+            py,
+            Error::Value { arg: "form", detail: format!("unknown ternary form {other:?}; use \"base3\" or \"2bit\"") },
+        )),
+    }
+}
+
+/// Pack int8 ternary values (rows, n) into bytes; see `lowbit.pack_ternary`.
+#[pyfunction]
+#[pyo3(signature = (values, form="base3"))]
+fn pack_ternary<'py>(py: Python<'py>, values: PyReadonlyArray2<'py, i8>, form: &str) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let form = ternary_form(py, form)?;
+    let [rows, n] = [values.shape()[0], values.shape()[1]];
+    let vs = contiguous(&values, "values")?;
+    let rb = core_pack::ternary_row_bytes(n, form);
+    let out = detached(py, || {
+        let mut out = vec![0u8; rows * rb];
+        core_pack::pack_ternary(vs, n, form, &mut out)?;
+        Ok(out)
+    })?;
+    reshape2(py, out, rows, rb)
+}
+
+/// Unpack ternary bytes into int8 values (rows, n); see `lowbit.unpack_ternary`.
+#[pyfunction]
+#[pyo3(signature = (packed, n, form="base3"))]
+fn unpack_ternary<'py>(py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, n: usize, form: &str) -> PyResult<Bound<'py, PyArray2<i8>>> {
+    let form = ternary_form(py, form)?;
+    let rows = packed.shape()[0];
+    let ps = contiguous(&packed, "packed")?;
+    let out = detached(py, || {
+        let mut out = vec![0i8; rows * n];
+        core_pack::unpack_ternary(ps, n, form, &mut out)?;
+        Ok(out)
+    })?;
+    reshape2(py, out, rows, n)
+}
+
+/// Resize the thread pool (0 = default: LOWBIT_NUM_THREADS or all cores).
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    crate::threads::set_num_threads(n)
+}
+
+/// Threads of the pool the kernels run in.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::threads::num_threads()
+}
+
+/// The SIMD level the kernels were dispatched to ("avx512", "avx2" or "baseline").
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::simd::level().name()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(hadamard_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_base, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_base_orders, m)?)?;
+    m.add_function(wrap_pyfunction!(random_signs, m)?)?;
+    m.add_function(wrap_pyfunction!(random_permutation, m)?)?;
+    m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_ternary, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_ternary, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add("MAX_N", hadamard::MAX_N)?;
+    Ok(())
+}
