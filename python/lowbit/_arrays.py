@@ -100,7 +100,7 @@ def to_rows(
         a = np.moveaxis(a, ax, -1)
     restore.lead_shape = a.shape[:-1]
     a = np.ascontiguousarray(a, dtype=target)
-    return a.reshape(-1, a.shape[-1]), restore
+    return a.reshape(int(np.prod(a.shape[:-1], dtype=np.int64)), a.shape[-1]), restore
 
 
 def float_dtype(dtype: np.dtype) -> np.dtype | None:
