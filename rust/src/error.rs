@@ -7,7 +7,11 @@ pub enum Error {
     /// A transform or packing size that no code path supports (e.g. `n` with no Hadamard plan in
     /// strict mode, `bits = 5`).
     #[error("{arg}: unsupported size {value}: {detail}")]
-    UnsupportedSize { arg: &'static str, value: usize, detail: String },
+    UnsupportedSize {
+        arg: &'static str,
+        value: usize,
+        detail: String,
+    },
     /// Array lengths or shapes that do not fit together (e.g. a packed buffer too short for `n`).
     #[error("{arg}: {detail}")]
     Shape { arg: &'static str, detail: String },

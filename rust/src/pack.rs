@@ -129,7 +129,9 @@ fn unpack_row_body(packed: &[u8], bits: u32, out: &mut [u8]) {
         2 => {
             for (o, &p) in out.chunks_exact_mut(4).zip(packed) {
                 let x = p as u32;
-                o.copy_from_slice(&((x | (x << 6) | (x << 12) | (x << 18)) & 0x0303_0303).to_le_bytes());
+                o.copy_from_slice(
+                    &((x | (x << 6) | (x << 12) | (x << 18)) & 0x0303_0303).to_le_bytes(),
+                );
             }
             n / 4 * 4
         }
@@ -153,7 +155,7 @@ fn unpack_row_body(packed: &[u8], bits: u32, out: &mut [u8]) {
         _ => unreachable!(),
     };
     let b = bits as usize;
-    let mask = ((1u32 << b) - 1) as u32;
+    let mask = (1u32 << b) - 1;
     for (i, v) in out.iter_mut().enumerate().skip(done) {
         let bit = b * i;
         let mut w = packed[bit / 8] as u32;
@@ -190,7 +192,7 @@ static BASE3: [u64; 256] = base3_table();
 #[inline(always)]
 fn base3_byte(d: [u8; 5]) -> u8 {
     let q = d.iter().fold(0u32, |acc, &x| acc * 3 + x as u32);
-    ((q * 256 + 242) / 243) as u8
+    (q * 256).div_ceil(243) as u8
 }
 
 #[inline(always)]
@@ -291,7 +293,7 @@ fn check_rows(len: usize, row: usize, arg: &'static str, what: &str) -> Result<u
     if row == 0 {
         return Ok(0);
     }
-    if len % row != 0 {
+    if !len.is_multiple_of(row) {
         return Err(Error::Shape {
             arg,
             detail: format!("has {len} elements, not a whole number of rows of {row} {what}"),
@@ -305,7 +307,10 @@ pub fn pack(codes: &[u8], n: usize, bits: u32, out: &mut [u8]) -> Result<()> {
     let rb = packed_row_bytes(n, bits)?;
     let rows = check_rows(codes.len(), n, "codes", "codes")?;
     if out.len() != rows * rb {
-        return Err(Error::Shape { arg: "out", detail: format!("has {} bytes, need {}", out.len(), rows * rb) });
+        return Err(Error::Shape {
+            arg: "out",
+            detail: format!("has {} bytes, need {}", out.len(), rows * rb),
+        });
     }
     if bits < 8 && max_u8(codes) >= (1u8 << bits) {
         let limit = 1u8 << bits;
@@ -321,7 +326,9 @@ pub fn pack(codes: &[u8], n: usize, bits: u32, out: &mut [u8]) -> Result<()> {
         });
     }
     let per_group = 8 / gcd(8, bits as usize); // codes per byte-aligned group
-    let aligned = (n % per_group == 0).then_some((per_group, per_group * bits as usize / 8));
+    let aligned = n
+        .is_multiple_of(per_group)
+        .then_some((per_group, per_group * bits as usize / 8));
     run_rows(codes, out, n, rb, aligned, |s, d| pack_row(s, bits, d));
     Ok(())
 }
@@ -331,7 +338,10 @@ pub fn unpack(packed: &[u8], n: usize, bits: u32, out: &mut [u8]) -> Result<()> 
     let rb = packed_row_bytes(n, bits)?;
     let rows = out.len().checked_div(n).unwrap_or(0);
     if out.len() != rows * n {
-        return Err(Error::Shape { arg: "out", detail: format!("has {} codes, not a multiple of n = {n}", out.len()) });
+        return Err(Error::Shape {
+            arg: "out",
+            detail: format!("has {} codes, not a multiple of n = {n}", out.len()),
+        });
     }
     if packed.len() != rows * rb {
         return Err(Error::Shape {
@@ -344,7 +354,9 @@ pub fn unpack(packed: &[u8], n: usize, bits: u32, out: &mut [u8]) -> Result<()> 
         });
     }
     let per_group = 8 / gcd(8, bits as usize);
-    let aligned = (n % per_group == 0).then_some((per_group * bits as usize / 8, per_group));
+    let aligned = n
+        .is_multiple_of(per_group)
+        .then_some((per_group * bits as usize / 8, per_group));
     run_rows(packed, out, rb, n, aligned, |s, d| unpack_row(s, bits, d));
     Ok(())
 }
@@ -362,10 +374,16 @@ pub fn pack_ternary(values: &[i8], n: usize, form: TernaryForm, out: &mut [u8]) 
     let rb = ternary_row_bytes(n, form);
     let rows = check_rows(values.len(), n, "values", "values")?;
     if out.len() != rows * rb {
-        return Err(Error::Shape { arg: "out", detail: format!("has {} bytes, need {}", out.len(), rows * rb) });
+        return Err(Error::Shape {
+            arg: "out",
+            detail: format!("has {} bytes, need {}", out.len(), rows * rb),
+        });
     }
     if !ternary_ok(values) {
-        let i = values.iter().position(|v| !(-1..=1).contains(v)).unwrap_or(0);
+        let i = values
+            .iter()
+            .position(|v| !(-1..=1).contains(v))
+            .unwrap_or(0);
         return Err(Error::Value {
             arg: "values",
             detail: format!(
@@ -378,11 +396,11 @@ pub fn pack_ternary(values: &[i8], n: usize, form: TernaryForm, out: &mut [u8]) 
     }
     match form {
         TernaryForm::Base3 => {
-            let aligned = (n % 5 == 0).then_some((5, 1));
-            run_rows(values, out, n, rb, aligned, |s, d| pack_base3_row(s, d));
+            let aligned = n.is_multiple_of(5).then_some((5, 1));
+            run_rows(values, out, n, rb, aligned, pack_base3_row);
         }
         TernaryForm::TwoBit => {
-            let aligned = (n % 4 == 0).then_some((4, 1));
+            let aligned = n.is_multiple_of(4).then_some((4, 1));
             run_rows(values, out, n, rb, aligned, |s, d| {
                 // v + 1 as 2-bit codes, through a small stack buffer.
                 let mut buf = [0u8; 1024];
@@ -403,7 +421,10 @@ pub fn unpack_ternary(packed: &[u8], n: usize, form: TernaryForm, out: &mut [i8]
     let rb = ternary_row_bytes(n, form);
     let rows = out.len().checked_div(n).unwrap_or(0);
     if out.len() != rows * n {
-        return Err(Error::Shape { arg: "out", detail: format!("has {} values, not a multiple of n = {n}", out.len()) });
+        return Err(Error::Shape {
+            arg: "out",
+            detail: format!("has {} values, not a multiple of n = {n}", out.len()),
+        });
     }
     if packed.len() != rows * rb {
         return Err(Error::Shape {
@@ -417,18 +438,24 @@ pub fn unpack_ternary(packed: &[u8], n: usize, form: TernaryForm, out: &mut [i8]
     }
     match form {
         TernaryForm::Base3 => {
-            let aligned = (n % 5 == 0).then_some((1, 5));
-            run_rows(packed, out, rb, n, aligned, |s, d| unpack_base3_row(s, d));
+            let aligned = n.is_multiple_of(5).then_some((1, 5));
+            run_rows(packed, out, rb, n, aligned, unpack_base3_row);
         }
         TernaryForm::TwoBit => {
             if has_code3(packed) {
-                let i = packed.iter().position(|&b| b & (b >> 1) & 0x55 != 0).unwrap_or(0);
+                let i = packed
+                    .iter()
+                    .position(|&b| b & (b >> 1) & 0x55 != 0)
+                    .unwrap_or(0);
                 return Err(Error::Value {
                     arg: "packed",
-                    detail: format!("byte {i} (0x{:02x}) holds the 2-bit code 3, which is not a ternary code", packed[i]),
+                    detail: format!(
+                        "byte {i} (0x{:02x}) holds the 2-bit code 3, which is not a ternary code",
+                        packed[i]
+                    ),
                 });
             }
-            let aligned = (n % 4 == 0).then_some((1, 4));
+            let aligned = n.is_multiple_of(4).then_some((1, 4));
             run_rows(packed, out, rb, n, aligned, |s, d| {
                 // SAFETY-free reinterpretation: unpack codes as u8 then subtract 1 in place.
                 let du: &mut [u8] = bytemuck_i8_to_u8(d);
@@ -453,7 +480,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn roundtrip(codes: &[u8], n: usize, bits: u32) -> Vec<u8> {
-        let rows = if n == 0 { 0 } else { codes.len() / n };
+        let rows = codes.len().checked_div(n).unwrap_or(0);
         let mut p = vec![0u8; rows * packed_row_bytes(n, bits).unwrap()];
         pack(codes, n, bits, &mut p).unwrap();
         let mut out = vec![0u8; codes.len()];
@@ -477,8 +504,9 @@ mod tests {
         // TQ1_0 encoding: q = Σ d_j 3^(4-j), byte = ceil(q·256/243)
         let mut t = [0u8; 1];
         pack_ternary(&[-1, 0, 1, 1, -1], 5, TernaryForm::Base3, &mut t).unwrap();
-        let q = 0 * 81 + 1 * 27 + 2 * 9 + 2 * 3 + 0;
-        assert_eq!(t[0] as u32, (q * 256 + 242) / 243);
+        // digits (v+1) = 0, 1, 2, 2, 0 -> q = 1·27 + 2·9 + 2·3
+        let q: u32 = 27 + 18 + 6;
+        assert_eq!(t[0] as u32, (q * 256).div_ceil(243));
         pack_ternary(&[-1, 0, 1, 0], 4, TernaryForm::TwoBit, &mut t).unwrap();
         assert_eq!(t, [0b01_10_01_00]);
     }
@@ -499,26 +527,45 @@ mod tests {
     #[test]
     fn errors_name_the_argument() {
         let mut p = [0u8; 1];
-        assert!(matches!(pack(&[4, 0, 0, 0], 4, 2, &mut p), Err(Error::Value { arg: "codes", .. })));
-        assert!(matches!(pack(&[0; 4], 4, 5, &mut p), Err(Error::UnsupportedSize { arg: "bits", .. })));
+        assert!(matches!(
+            pack(&[4, 0, 0, 0], 4, 2, &mut p),
+            Err(Error::Value { arg: "codes", .. })
+        ));
+        assert!(matches!(
+            pack(&[0; 4], 4, 5, &mut p),
+            Err(Error::UnsupportedSize { arg: "bits", .. })
+        ));
         let mut out = [0u8; 8];
-        assert!(matches!(unpack(&[0u8; 1], 8, 2, &mut out), Err(Error::Shape { arg: "packed", .. })));
+        assert!(matches!(
+            unpack(&[0u8; 1], 8, 2, &mut out),
+            Err(Error::Shape { arg: "packed", .. })
+        ));
         let mut o = [0i8; 4];
-        assert!(matches!(unpack_ternary(&[0xFF], 4, TernaryForm::TwoBit, &mut o), Err(Error::Value { arg: "packed", .. })));
-        assert!(matches!(pack_ternary(&[2, 0, 0, 0], 4, TernaryForm::Base3, &mut p), Err(Error::Value { arg: "values", .. })));
+        assert!(matches!(
+            unpack_ternary(&[0xFF], 4, TernaryForm::TwoBit, &mut o),
+            Err(Error::Value { arg: "packed", .. })
+        ));
+        assert!(matches!(
+            pack_ternary(&[2, 0, 0, 0], 4, TernaryForm::Base3, &mut p),
+            Err(Error::Value { arg: "values", .. })
+        ));
     }
 
     #[test]
     fn every_length_up_to_1000_roundtrips() {
         for bits in [1u32, 2, 3, 4, 8] {
             for n in 0..=1000usize {
-                let codes: Vec<u8> = (0..2 * n).map(|i| ((i * 2654435761) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                let codes: Vec<u8> = (0..2 * n)
+                    .map(|i| ((i * 2654435761) >> 7) as u8 & ((1u16 << bits) - 1) as u8)
+                    .collect();
                 assert_eq!(roundtrip(&codes, n, bits), codes, "bits = {bits}, n = {n}");
             }
         }
         for form in [TernaryForm::Base3, TernaryForm::TwoBit] {
             for n in 0..=1000usize {
-                let v: Vec<i8> = (0..3 * n).map(|i| ((i * 7 + i / 3) % 3) as i8 - 1).collect();
+                let v: Vec<i8> = (0..3 * n)
+                    .map(|i| ((i * 7 + i / 3) % 3) as i8 - 1)
+                    .collect();
                 let mut p = vec![0u8; 3 * ternary_row_bytes(n, form)];
                 pack_ternary(&v, n, form, &mut p).unwrap();
                 let mut out = vec![0i8; v.len()];

@@ -3,7 +3,10 @@
 //! around the core call through [`detached`], and returns new numpy arrays. Core errors become
 //! `lowbit.errors` exceptions in [`to_pyerr`], the single conversion point.
 
-use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyType;
@@ -37,9 +40,20 @@ fn detached<R: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<R> + Send
     py.detach(f).map_err(|e| to_pyerr(py, e))
 }
 
-fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray2<'_, T>, arg: &'static str) -> PyResult<&'a [T]> {
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray2<'_, T>,
+    arg: &'static str,
+) -> PyResult<&'a [T]> {
     a.as_slice().map_err(|_| {
-        Python::attach(|py| to_pyerr(py, Error::Shape { arg, detail: "must be C-contiguous".into() }))
+        Python::attach(|py| {
+            to_pyerr(
+                py,
+                Error::Shape {
+                    arg,
+                    detail: "must be C-contiguous".into(),
+                },
+            )
+        })
     })
 }
 
@@ -64,12 +78,22 @@ fn hadamard_impl<'py, T: Real + numpy::Element>(
     let xs = contiguous(&x, "x")?;
     let signs_slice = match &signs {
         Some(s) => Some(s.as_slice().map_err(|_| {
-            to_pyerr(py, Error::Shape { arg: "signs", detail: "must be C-contiguous".into() })
+            to_pyerr(
+                py,
+                Error::Shape {
+                    arg: "signs",
+                    detail: "must be C-contiguous".into(),
+                },
+            )
         })?),
         None => None,
     };
     let out = detached(py, || {
-        let plan = if strict { hadamard::plan_strict(n)? } else { hadamard::plan(n)? };
+        let plan = if strict {
+            hadamard::plan_strict(n)?
+        } else {
+            hadamard::plan(n)?
+        };
         let h = Hadamard::<T>::new(plan, normalize, inverse, signs_slice)?;
         let mut out = vec![T::ZERO; xs.len()];
         h.apply_rows_into(xs, &mut out)?;
@@ -106,12 +130,23 @@ fn hadamard_f64<'py>(
     hadamard_impl(py, x, normalize, inverse, strict, signs)
 }
 
+/// `(offset, k, m)` of one plan block.
+type PlanBlock = (usize, usize, u32);
+
 /// The decomposition used for length n: (exact, [(offset, k, m), ...]); block size is k·2^m.
 #[pyfunction]
 #[pyo3(signature = (n, strict=false))]
-fn hadamard_plan(py: Python<'_>, n: usize, strict: bool) -> PyResult<(bool, Vec<(usize, usize, u32)>)> {
-    let plan = if strict { hadamard::plan_strict(n) } else { hadamard::plan(n) }.map_err(|e| to_pyerr(py, e))?;
-    Ok((plan.is_exact(), plan.blocks.iter().map(|b| (b.offset, b.k, b.m)).collect()))
+fn hadamard_plan(py: Python<'_>, n: usize, strict: bool) -> PyResult<(bool, Vec<PlanBlock>)> {
+    let plan = if strict {
+        hadamard::plan_strict(n)
+    } else {
+        hadamard::plan(n)
+    }
+    .map_err(|e| to_pyerr(py, e))?;
+    Ok((
+        plan.is_exact(),
+        plan.blocks.iter().map(|b| (b.offset, b.k, b.m)).collect(),
+    ))
 }
 
 /// The K×K base matrix (int8, ±1) of a base order K.
@@ -120,7 +155,11 @@ fn hadamard_base<'py>(py: Python<'py>, k: usize) -> PyResult<Bound<'py, PyArray2
     let m = hadamard::small::base_matrix(k).ok_or_else(|| {
         to_pyerr(
             py,
-            Error::UnsupportedSize { arg: "k", value: k, detail: format!("base orders are {:?}", hadamard::BASE_ORDERS) },
+            Error::UnsupportedSize {
+                arg: "k",
+                value: k,
+                detail: format!("base orders are {:?}", hadamard::BASE_ORDERS),
+            },
         )
     })?;
     reshape2(py, m.data.clone(), k, k)
@@ -146,7 +185,11 @@ fn random_permutation<'py>(py: Python<'py>, n: usize, seed: u64) -> Bound<'py, P
 
 /// Pack uint8 codes (rows, n) into (rows, ceil(n·bits/8)) bytes; see `lowbit.pack`.
 #[pyfunction]
-fn pack<'py>(py: Python<'py>, codes: PyReadonlyArray2<'py, u8>, bits: u32) -> PyResult<Bound<'py, PyArray2<u8>>> {
+fn pack<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray2<'py, u8>,
+    bits: u32,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let [rows, n] = [codes.shape()[0], codes.shape()[1]];
     let cs = contiguous(&codes, "codes")?;
     let (out, rb) = detached(py, || {
@@ -160,7 +203,12 @@ fn pack<'py>(py: Python<'py>, codes: PyReadonlyArray2<'py, u8>, bits: u32) -> Py
 
 /// Unpack (rows, ceil(n·bits/8)) bytes into uint8 codes (rows, n); see `lowbit.unpack`.
 #[pyfunction]
-fn unpack<'py>(py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, bits: u32, n: usize) -> PyResult<Bound<'py, PyArray2<u8>>> {
+fn unpack<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray2<'py, u8>,
+    bits: u32,
+    n: usize,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let rows = packed.shape()[0];
     let ps = contiguous(&packed, "packed")?;
     let out = detached(py, || {
@@ -168,7 +216,10 @@ fn unpack<'py>(py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, bits: u32, n:
         if packed_width_mismatch(ps.len(), rows, rb) {
             return Err(Error::Shape {
                 arg: "packed",
-                detail: format!("rows have {} bytes; n = {n} {bits}-bit codes take exactly {rb}", ps.len() / rows.max(1)),
+                detail: format!(
+                    "rows have {} bytes; n = {n} {bits}-bit codes take exactly {rb}",
+                    ps.len() / rows.max(1)
+                ),
             });
         }
         let mut out = vec![0u8; rows * n];
@@ -188,7 +239,10 @@ fn ternary_form(py: Python<'_>, form: &str) -> PyResult<TernaryForm> {
         "2bit" => Ok(TernaryForm::TwoBit),
         other => Err(to_pyerr(
             py,
-            Error::Value { arg: "form", detail: format!("unknown ternary form {other:?}; use \"base3\" or \"2bit\"") },
+            Error::Value {
+                arg: "form",
+                detail: format!("unknown ternary form {other:?}; use \"base3\" or \"2bit\""),
+            },
         )),
     }
 }
@@ -196,7 +250,11 @@ fn ternary_form(py: Python<'_>, form: &str) -> PyResult<TernaryForm> {
 /// Pack int8 ternary values (rows, n) into bytes; see `lowbit.pack_ternary`.
 #[pyfunction]
 #[pyo3(signature = (values, form="base3"))]
-fn pack_ternary<'py>(py: Python<'py>, values: PyReadonlyArray2<'py, i8>, form: &str) -> PyResult<Bound<'py, PyArray2<u8>>> {
+fn pack_ternary<'py>(
+    py: Python<'py>,
+    values: PyReadonlyArray2<'py, i8>,
+    form: &str,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let form = ternary_form(py, form)?;
     let [rows, n] = [values.shape()[0], values.shape()[1]];
     let vs = contiguous(&values, "values")?;
@@ -212,7 +270,12 @@ fn pack_ternary<'py>(py: Python<'py>, values: PyReadonlyArray2<'py, i8>, form: &
 /// Unpack ternary bytes into int8 values (rows, n); see `lowbit.unpack_ternary`.
 #[pyfunction]
 #[pyo3(signature = (packed, n, form="base3"))]
-fn unpack_ternary<'py>(py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, n: usize, form: &str) -> PyResult<Bound<'py, PyArray2<i8>>> {
+fn unpack_ternary<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray2<'py, u8>,
+    n: usize,
+    form: &str,
+) -> PyResult<Bound<'py, PyArray2<i8>>> {
     let form = ternary_form(py, form)?;
     let rows = packed.shape()[0];
     let ps = contiguous(&packed, "packed")?;

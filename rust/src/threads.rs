@@ -32,18 +32,28 @@ fn default_threads() -> usize {
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
 
 /// The current pool (built on first use).
 pub fn pool() -> Arc<rayon::ThreadPool> {
     let mut guard = slot().lock().unwrap_or_else(|e| e.into_inner());
-    guard.get_or_insert_with(|| build(default_threads())).clone()
+    guard
+        .get_or_insert_with(|| build(default_threads()))
+        .clone()
 }
 
 /// Replace the pool with one of `threads` threads (0 = default). Running work keeps its pool.
 pub fn set_num_threads(threads: usize) {
-    let n = if threads == 0 { default_threads() } else { threads };
+    let n = if threads == 0 {
+        default_threads()
+    } else {
+        threads
+    };
     let mut guard = slot().lock().unwrap_or_else(|e| e.into_inner());
     *guard = Some(build(n));
 }

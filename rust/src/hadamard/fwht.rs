@@ -6,6 +6,7 @@
 //!   constant permutation, which LLVM lowers to shuffles);
 //! * the rest as radix-4 passes (two stages per sweep over memory), a last radix-2 pass when the
 //!   stage count is odd; the `scale` is folded into the final pass.
+//!
 //! All loops are over contiguous lanes so the multiversioned build vectorizes them.
 
 use crate::real::Real;
@@ -15,7 +16,11 @@ fn stage_in8<T: Real>(v: &mut [T; 8], h: usize) {
     let mut w = [T::ZERO; 8];
     for i in 0..8 {
         let partner = v[i ^ h];
-        w[i] = if i & h == 0 { v[i] + partner } else { partner - v[i] };
+        w[i] = if i & h == 0 {
+            v[i] + partner
+        } else {
+            partner - v[i]
+        };
     }
     *v = w;
 }
@@ -98,57 +103,66 @@ fn scale_all<T: Real>(x: &mut [T], k: T) {
 /// Elements transformed as one piece before the stages that span the whole vector (L2-sized).
 const CACHE_BLOCK: usize = 1 << 14;
 
-/// In-place FWHT of `x` (length a power of two, or 0/1), every output multiplied by `scale`
-/// (`1.0` for the raw ±1 transform, `1/sqrt(n)` for the orthonormal one).
+/// In-place FWHT of length `p` (a power of two) on every contiguous `p`-block of `x`
+/// (`x.len() % p == 0`), every output multiplied by `scale` (`1.0` for the raw ±1 transform,
+/// `1/sqrt(p)` for the orthonormal one). Stages with butterfly distance `h < p` never cross a
+/// block boundary, so one sweep serves all blocks (the `K·2^m` plans use this for their K rows).
 #[inline(always)]
-pub fn fwht_scaled_body<T: Real>(x: &mut [T], scale: T) {
-    let n = x.len();
-    debug_assert!(n == 0 || n.is_power_of_two());
+pub fn fwht_blocks_body<T: Real>(x: &mut [T], p: usize, scale: T) {
+    debug_assert!(p.is_power_of_two() && x.len().is_multiple_of(p));
     let k = if scale == T::ONE { None } else { Some(scale) };
-    if n < 8 {
-        let mut h = 1;
-        while h < n {
-            let last = 2 * h >= n;
-            radix2(x, h, if last { k } else { None });
-            h *= 2;
-        }
-        if n <= 1 {
-            if let Some(k) = k {
-                scale_all(x, k);
-            }
-        }
-        return;
-    }
     // Long vectors: finish every stage below CACHE_BLOCK inside cache-sized pieces first, so only
     // the remaining stages stream over the whole vector.
-    let mut h = if n > CACHE_BLOCK {
+    let mut h = if p > CACHE_BLOCK {
         for piece in x.chunks_exact_mut(CACHE_BLOCK) {
-            fwht_scaled_body(piece, T::ONE);
+            fwht_blocks_body(piece, CACHE_BLOCK, T::ONE);
         }
         CACHE_BLOCK
     } else {
-        first3(x);
-        8
+        match T::fwht_head(x, p) {
+            1 if p >= 8 => {
+                first3(x);
+                8
+            }
+            done => done,
+        }
     };
-    if h == n {
+    if h >= p {
         if let Some(k) = k {
             scale_all(x, k);
         }
         return;
     }
-    while 4 * h <= n {
-        let last = 4 * h == n;
+    while 4 * h <= p {
+        let last = 4 * h == p;
         radix4(x, h, if last { k } else { None });
         h *= 4;
     }
-    if 2 * h == n {
+    if 2 * h == p {
         radix2(x, h, k);
     }
 }
 
 crate::multiversion! {
-    /// In-place FWHT of a power-of-two length `x`, outputs multiplied by `scale`.
-    pub fn fwht_scaled<T: Real>(x: &mut [T], scale: T) = fwht_scaled_body;
+    /// FWHT of length `p` on every `p`-block of `x`, outputs multiplied by `scale`.
+    pub fn fwht_blocks<T: Real>(x: &mut [T], p: usize, scale: T) = fwht_blocks_body;
+}
+
+/// In-place FWHT of a power-of-two length `x` (0 or 1 included), outputs multiplied by `scale`.
+pub fn fwht_scaled<T: Real>(x: &mut [T], scale: T) {
+    let n = x.len();
+    if n == 0 {
+        return;
+    }
+    fwht_blocks(x, n, scale)
+}
+
+/// The body of [`fwht_scaled`] compiled for the baseline instruction set (tests compare levels).
+pub fn fwht_scaled_body<T: Real>(x: &mut [T], scale: T) {
+    let n = x.len();
+    if n > 0 {
+        fwht_blocks_body(x, n, scale)
+    }
 }
 
 /// Reference FWHT (textbook radix-2), for tests.
@@ -173,7 +187,7 @@ mod tests {
 
     fn sylvester(n: usize, i: usize, j: usize) -> f64 {
         let _ = n;
-        if (i & j).count_ones() % 2 == 0 {
+        if (i & j).count_ones().is_multiple_of(2) {
             1.0
         } else {
             -1.0
@@ -185,8 +199,9 @@ mod tests {
         for m in 0..=12 {
             let n = 1usize << m;
             let x: Vec<f64> = (0..n).map(|i| ((i * 7919) % 101) as f64 - 50.0).collect();
-            let want: Vec<f64> =
-                (0..n).map(|i| (0..n).map(|j| sylvester(n, i, j) * x[j]).sum()).collect();
+            let want: Vec<f64> = (0..n)
+                .map(|i| (0..n).map(|j| sylvester(n, i, j) * x[j]).sum())
+                .collect();
             let mut got = x.clone();
             fwht_scaled(&mut got, 1.0);
             assert_eq!(got, want, "n = {n}");
@@ -217,7 +232,9 @@ mod tests {
     fn cache_blocked_sizes_match_reference() {
         for m in [15u32, 17, 18] {
             let n = 1usize << m;
-            let x: Vec<f64> = (0..n).map(|i| ((i * 40503) % 1009) as f64 - 504.0).collect();
+            let x: Vec<f64> = (0..n)
+                .map(|i| ((i * 40503) % 1009) as f64 - 504.0)
+                .collect();
             let mut want = x.clone();
             fwht_reference(&mut want);
             let mut got = x.clone();

@@ -7,6 +7,7 @@
 //! Every built-in matrix is symmetric, so normalized forward without signs is an involution.
 
 pub mod fwht;
+pub mod fwht_x86;
 pub mod plan;
 pub mod small;
 
@@ -17,34 +18,139 @@ use crate::real::Real;
 pub use plan::{plan, plan_strict, Block, Plan, MAX_N};
 pub use small::BASE_ORDERS;
 
-/// Column mix of a `k × p` row-major block: `x[a, :] ← Σ_a' table[a'·k + a] · x[a', :]`
-/// (that is `xᵀ ← tableᵀ · xᵀ`, the `H_k ⊗ I_p` factor), in strips of columns through `scratch`.
+/// Column mix of a `k × p` row-major block: `x[a, :] ← Σ_a' s·H[a'][a] · x[a', :]` (the
+/// `H_k ⊗ I_p` factor), `W` columns at a time.
+///
+/// A "four Russians" scheme instead of the dense `k²` multiply-adds: the source rows go in groups
+/// of four; for each group the 8 sums `r0 ± r1 ± r2 ± r3` (first sign +) are formed once, and each
+/// output row then takes one of them per group, times ±scale: `k·(k/4) + 12·(k/4)` vector
+/// operations instead of `k²`. For output rows `4b..4b+4` and group `g`, `slot4[b·(k/4) + g][r]`
+/// is the sum to take (`8g + which`) and `sgn4[..][r]` its sign times the scale; see
+/// [`mix_tables`]. Needs `p % W == 0` and `k % 4 == 0` (every
+/// Hadamard order is a multiple of 4).
 #[inline(always)]
-fn mix_body<T: Real>(x: &mut [T], k: usize, p: usize, table: &[T], scratch: &mut [T]) {
-    const STRIP: usize = 64;
+fn mix_w<T: Real, const W: usize>(
+    x: &mut [T],
+    k: usize,
+    p: usize,
+    slot4: &[[u16; 4]],
+    sgn4: &[[T; 4]],
+    scratch: &mut [T],
+) {
+    let groups = k / 4;
+    assert!(
+        slot4.len() == groups * groups
+            && sgn4.len() == slot4.len()
+            && scratch.len() >= mix_scratch(k)
+    );
+    assert!(slot4.iter().flatten().all(|&s| (s as usize) < groups * 8));
+    let (sums, outs) = scratch.split_at_mut(groups * 8 * W);
     let mut j0 = 0;
     while j0 < p {
-        let w = STRIP.min(p - j0);
-        for a in 0..k {
-            let out = &mut scratch[a * w..(a + 1) * w];
-            out.fill(T::ZERO);
-            for a2 in 0..k {
-                let c = table[a2 * k + a];
-                let src = &x[a2 * p + j0..a2 * p + j0 + w];
-                for (o, &s) in out.iter_mut().zip(src) {
-                    *o += c * s;
+        for g in 0..groups {
+            let row = |i: usize| -> &[T; W] { x[(4 * g + i) * p + j0..][..W].try_into().unwrap() };
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            let sg: &mut [T] = &mut sums[g * 8 * W..(g + 1) * 8 * W];
+            for j in 0..W {
+                let (ap, am) = (r0[j] + r1[j], r0[j] - r1[j]);
+                let (bp, bm) = (r2[j] + r3[j], r2[j] - r3[j]);
+                // index bits: bit 0 → r1 negated, bit 1 → r2 negated, bit 2 → r3 negated.
+                sg[j] = ap + bp;
+                sg[W + j] = am + bp;
+                sg[2 * W + j] = ap - bm;
+                sg[3 * W + j] = am - bm;
+                sg[4 * W + j] = ap + bm;
+                sg[5 * W + j] = am + bm;
+                sg[6 * W + j] = ap - bp;
+                sg[7 * W + j] = am - bp;
+            }
+        }
+        let sums: &[T] = sums;
+        for (blk, (slots, signs)) in slot4
+            .chunks_exact(groups)
+            .zip(sgn4.chunks_exact(groups))
+            .enumerate()
+        {
+            let mut acc = [[T::ZERO; W]; 4];
+            for (sl, sg) in slots.iter().zip(signs) {
+                for r in 0..4 {
+                    let at = sl[r] as usize * W;
+                    debug_assert!(at + W <= sums.len());
+                    // SAFETY: every slot is < groups·8 (built by `mix_tables`), and `sums` holds
+                    // groups·8 strips of W.
+                    let src: &[T; W] = unsafe { &*(sums.as_ptr().add(at) as *const [T; W]) };
+                    for j in 0..W {
+                        acc[r][j] = sg[r].mul_add(src[j], acc[r][j]);
+                    }
                 }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                outs[(4 * blk + r) * W..(4 * blk + r + 1) * W].copy_from_slice(row);
             }
         }
         for a in 0..k {
-            x[a * p + j0..a * p + j0 + w].copy_from_slice(&scratch[a * w..(a + 1) * w]);
+            x[a * p + j0..a * p + j0 + W].copy_from_slice(&outs[a * W..(a + 1) * W]);
         }
-        j0 += w;
+        j0 += W;
+    }
+}
+
+/// Largest column strip the mix uses.
+const MIX_STRIP: usize = 32;
+
+/// Scratch the mix needs for order `k`: the group sums and one output strip.
+fn mix_scratch(k: usize) -> usize {
+    (k / 4) * 8 * MIX_STRIP + k * MIX_STRIP
+}
+
+#[inline(always)]
+fn mix_body<T: Real>(
+    x: &mut [T],
+    k: usize,
+    p: usize,
+    idx: &[[u16; 4]],
+    sgn: &[[T; 4]],
+    scratch: &mut [T],
+) {
+    match p {
+        1 => mix_w::<T, 1>(x, k, p, idx, sgn, scratch),
+        2 => mix_w::<T, 2>(x, k, p, idx, sgn, scratch),
+        4 => mix_w::<T, 4>(x, k, p, idx, sgn, scratch),
+        8 => mix_w::<T, 8>(x, k, p, idx, sgn, scratch),
+        16 => mix_w::<T, 16>(x, k, p, idx, sgn, scratch),
+        _ => mix_w::<T, MIX_STRIP>(x, k, p, idx, sgn, scratch),
     }
 }
 
 crate::multiversion! {
-    fn mix<T: Real>(x: &mut [T], k: usize, p: usize, table: &[T], scratch: &mut [T]) = mix_body;
+    fn mix<T: Real>(x: &mut [T], k: usize, p: usize, idx: &[[u16; 4]], sgn: &[[T; 4]], scratch: &mut [T]) = mix_body;
+}
+
+/// The `(slot4, sgn4)` tables of [`mix_w`] for base matrix `h` and output scale `scale`.
+fn mix_tables<T: Real>(h: &small::SignMatrix, scale: f64) -> (Vec<[u16; 4]>, Vec<[T; 4]>) {
+    let k = h.k;
+    let groups = k / 4;
+    let mut slot4 = Vec::with_capacity(groups * groups);
+    let mut sgn4 = Vec::with_capacity(groups * groups);
+    for b in 0..groups {
+        for g in 0..groups {
+            let mut sl = [0u16; 4];
+            let mut sg = [T::ZERO; 4];
+            for r in 0..4 {
+                let a = 4 * b + r;
+                let coef = |i: usize| h.get(4 * g + i, a);
+                let h0 = coef(0);
+                let which = (1..4).fold(0u16, |acc, i| {
+                    acc | (((coef(i) * h0) < 0) as u16) << (i - 1)
+                });
+                sl[r] = 8 * g as u16 + which;
+                sg[r] = T::from_f64(h0 as f64 * scale);
+            }
+            slot4.push(sl);
+            sgn4.push(sg);
+        }
+    }
+    (slot4, sgn4)
 }
 
 #[inline(always)]
@@ -64,8 +170,9 @@ struct BlockOp<T> {
     m: u32,
     /// Scale applied to every output of the block.
     scale: T,
-    /// `k × k` base matrix times `scale` (empty for k = 1).
-    table: Vec<T>,
+    /// Four-Russians tables of the base matrix (empty for k = 1); see [`mix_w`].
+    idx: Vec<[u16; 4]>,
+    sgn: Vec<[T; 4]>,
 }
 
 /// A prepared transform of length `n`: plan, scales and base tables, reusable across calls.
@@ -87,7 +194,11 @@ impl<T: Real> Hadamard<T> {
                 if s.len() != plan.n {
                     return Err(Error::Shape {
                         arg: "signs",
-                        detail: format!("has length {}, the transform length is {}", s.len(), plan.n),
+                        detail: format!(
+                            "has length {}, the transform length is {}",
+                            s.len(),
+                            plan.n
+                        ),
                     });
                 }
                 if let Some(i) = s.iter().position(|&v| v != 1 && v != -1) {
@@ -112,17 +223,30 @@ impl<T: Real> Hadamard<T> {
                 } else {
                     1.0
                 };
-                let table = match small::base_matrix(b.k) {
-                    None => Vec::new(),
+                let (idx, sgn) = match small::base_matrix(b.k) {
+                    None => (Vec::new(), Vec::new()),
                     Some(h) => {
-                        scratch_len = scratch_len.max(b.k * 64);
-                        h.data.iter().map(|&v| T::from_f64(v as f64 * scale)).collect()
+                        scratch_len = scratch_len.max(mix_scratch(b.k));
+                        mix_tables(h, scale)
                     }
                 };
-                BlockOp { offset: b.offset, k: b.k, m: b.m, scale: T::from_f64(scale), table }
+                BlockOp {
+                    offset: b.offset,
+                    k: b.k,
+                    m: b.m,
+                    scale: T::from_f64(scale),
+                    idx,
+                    sgn,
+                }
             })
             .collect();
-        Ok(Hadamard { plan, ops, signs, inverse, scratch_len })
+        Ok(Hadamard {
+            plan,
+            ops,
+            signs,
+            inverse,
+            scratch_len,
+        })
     }
 
     pub fn n(&self) -> usize {
@@ -141,11 +265,9 @@ impl<T: Real> Hadamard<T> {
             } else {
                 let p = 1usize << op.m;
                 if p > 1 {
-                    for row in seg.chunks_exact_mut(p) {
-                        fwht::fwht_scaled(row, T::ONE);
-                    }
+                    fwht::fwht_blocks(seg, p, T::ONE);
                 }
-                mix(seg, op.k, p, &op.table, scratch);
+                mix(seg, op.k, p, &op.idx, &op.sgn, scratch);
             }
         }
     }
@@ -183,10 +305,13 @@ impl<T: Real> Hadamard<T> {
         if n == 0 {
             return Ok(());
         }
-        if src.len() % n != 0 {
+        if !src.len().is_multiple_of(n) {
             return Err(Error::Shape {
                 arg: "x",
-                detail: format!("has {} elements, not a whole number of rows of length {n}", src.len()),
+                detail: format!(
+                    "has {} elements, not a whole number of rows of length {n}",
+                    src.len()
+                ),
             });
         }
         let rows_per_task = ((1usize << 16) / n).max(1);
@@ -203,7 +328,10 @@ impl<T: Real> Hadamard<T> {
             crate::threads::install(|| {
                 src.par_chunks(rows_per_task * n)
                     .zip(dst.par_chunks_mut(rows_per_task * n))
-                    .for_each_init(|| vec![T::ZERO; scratch_len], |scratch, (s, d)| one(s, d, scratch));
+                    .for_each_init(
+                        || vec![T::ZERO; scratch_len],
+                        |scratch, (s, d)| one(s, d, scratch),
+                    );
             });
         }
         Ok(())
@@ -215,10 +343,13 @@ impl<T: Real> Hadamard<T> {
         if n == 0 {
             return Ok(());
         }
-        if x.len() % n != 0 {
+        if !x.len().is_multiple_of(n) {
             return Err(Error::Shape {
                 arg: "x",
-                detail: format!("has {} elements, not a whole number of rows of length {n}", x.len()),
+                detail: format!(
+                    "has {} elements, not a whole number of rows of length {n}",
+                    x.len()
+                ),
             });
         }
         // ~256 KB of work per task keeps the rayon overhead negligible and the rows in cache.
@@ -312,8 +443,12 @@ mod tests {
             for normalize in [true, false] {
                 let x: Vec<f64> = (0..3 * n).map(|i| ((i * 31 % 17) as f64) - 8.0).collect();
                 let mut y = x.clone();
-                transform(n, normalize, false, Some(&signs)).apply_rows(&mut y).unwrap();
-                transform(n, normalize, true, Some(&signs)).apply_rows(&mut y).unwrap();
+                transform(n, normalize, false, Some(&signs))
+                    .apply_rows(&mut y)
+                    .unwrap();
+                transform(n, normalize, true, Some(&signs))
+                    .apply_rows(&mut y)
+                    .unwrap();
                 for (a, b) in x.iter().zip(&y) {
                     assert!((a - b).abs() < 1e-9, "n = {n}, normalize = {normalize}");
                 }
@@ -331,7 +466,11 @@ mod tests {
         for i in 0..n {
             for j in 0..n {
                 let (a, b, a2, b2) = (i / p, i % p, j / p, j % p);
-                let syl = if (b & b2).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                let syl = if (b & b2).count_ones() % 2 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 assert_eq!(mat[i * n + j], hk.get(a, a2) as f64 * syl);
             }
         }

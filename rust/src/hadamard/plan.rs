@@ -52,7 +52,7 @@ pub fn exact_factor(n: usize) -> Option<(usize, u32)> {
     }
     BASE_ORDERS
         .iter()
-        .find(|&&k| n % k == 0 && (n / k).is_power_of_two())
+        .find(|&&k| n.is_multiple_of(k) && (n / k).is_power_of_two())
         .map(|&k| (k, (n / k).trailing_zeros()))
 }
 
@@ -81,7 +81,10 @@ pub fn plan(n: usize) -> Result<Plan> {
         });
     }
     if let Some((k, m)) = exact_factor(n) {
-        return Ok(Plan { n, blocks: vec![Block { offset: 0, k, m }] });
+        return Ok(Plan {
+            n,
+            blocks: vec![Block { offset: 0, k, m }],
+        });
     }
     let mut blocks = Vec::new();
     let mut offset = 0;

@@ -48,7 +48,9 @@ impl SignMatrix {
         }
         (0..k).all(|i| {
             (0..k).all(|j| {
-                let dot: i32 = (0..k).map(|t| self.get(i, t) as i32 * self.get(j, t) as i32).sum();
+                let dot: i32 = (0..k)
+                    .map(|t| self.get(i, t) as i32 * self.get(j, t) as i32)
+                    .sum();
                 dot == if i == j { k as i32 } else { 0 }
             })
         })
@@ -67,7 +69,11 @@ struct Field {
 impl Field {
     fn new(q: usize) -> Field {
         let (p, e) = prime_power(q).expect("base orders use prime powers");
-        let modulus = if e == 1 { vec![] } else { find_irreducible(p, e) };
+        let modulus = if e == 1 {
+            vec![]
+        } else {
+            find_irreducible(p, e)
+        };
         Field { p, e, q, modulus }
     }
     fn digits(&self, mut a: usize) -> Vec<usize> {
@@ -78,24 +84,28 @@ impl Field {
         }
         d
     }
-    fn from_digits(&self, d: &[usize]) -> usize {
+    fn compose(&self, d: &[usize]) -> usize {
         d.iter().rev().fold(0, |acc, &v| acc * self.p + v)
     }
     fn add(&self, a: usize, b: usize) -> usize {
         let (x, y) = (self.digits(a), self.digits(b));
         let s: Vec<usize> = x.iter().zip(&y).map(|(u, v)| (u + v) % self.p).collect();
-        self.from_digits(&s)
+        self.compose(&s)
     }
     fn neg(&self, a: usize) -> usize {
-        let d: Vec<usize> = self.digits(a).iter().map(|v| (self.p - v) % self.p).collect();
-        self.from_digits(&d)
+        let d: Vec<usize> = self
+            .digits(a)
+            .iter()
+            .map(|v| (self.p - v) % self.p)
+            .collect();
+        self.compose(&d)
     }
     fn mul(&self, a: usize, b: usize) -> usize {
         if self.e == 1 {
             return a * b % self.p;
         }
         poly_mulmod(&self.digits(a), &self.digits(b), &self.modulus, self.p)
-            .pipe(|d| self.from_digits(&d))
+            .pipe(|d| self.compose(&d))
     }
     /// χ(a) for every element: 0, +1 (nonzero square) or −1.
     fn characters(&self) -> Vec<i8> {
@@ -119,7 +129,7 @@ fn prime_power(q: usize) -> Option<(usize, usize)> {
     if q < 2 {
         return None;
     }
-    let p = (2..=q).find(|d| q % d == 0)?;
+    let p = (2..=q).find(|d| q.is_multiple_of(*d))?;
     let (mut r, mut e) = (q, 0);
     while r % p == 0 {
         r /= p;
@@ -218,7 +228,8 @@ fn paley2(q: usize) -> SignMatrix {
             let v = conf(i, j);
             for r in 0..2 {
                 for s in 0..2 {
-                    data[(2 * i + r) * k + 2 * j + s] = if v == 0 { ZERO[r][s] } else { v * PLUS[r][s] };
+                    data[(2 * i + r) * k + 2 * j + s] =
+                        if v == 0 { ZERO[r][s] } else { v * PLUS[r][s] };
                 }
             }
         }
@@ -255,8 +266,8 @@ fn propus(a: &str, b: &str, d: &str) -> SignMatrix {
     let k = 4 * n;
     #[derive(Clone, Copy)]
     enum Blk {
-        A,      // a[(j - i) mod n]
-        XR(u8), // x[(n-1-i-j) mod n]: 0 = b, 1 = d
+        A,       // a[(j - i) mod n]
+        XR(u8),  // x[(n-1-i-j) mod n]: 0 = b, 1 = d
         XtR(u8), // x[(i+j+1) mod n]
     }
     use Blk::*;
@@ -301,8 +312,6 @@ const PROPUS_43: [&str; 3] = [
     "+-++-+-++---+-----+++-+---+++++-+++--+-+--+",
     "--+---++-+++---+++----+-++--+--+-+-+-++++++",
 ];
-
-
 
 fn build(k: usize) -> SignMatrix {
     match k {
