@@ -248,3 +248,42 @@ def test_gil_is_released():
     during = [v for v in ticks if t0 < v < t1]
     # The ticker keeps running while Rust works (with the GIL held it would stall entirely).
     assert len(during) >= 3, (len(during), t1 - t0)
+
+
+def test_out_and_in_place():
+    x = rng.standard_normal((5, 576)).astype(np.float32)
+    want = lowbit.hadamard(x)
+    out = np.empty_like(x)
+    assert lowbit.hadamard(x, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    y = x.copy()
+    assert lowbit.hadamard(y, out=y) is y  # in place
+    np.testing.assert_array_equal(y, want)
+    s = lowbit.random_signs(576, 3)
+    z = lowbit.hadamard(x, signs=s)
+    lowbit.hadamard(z, signs=s, inverse=True, out=z)
+    np.testing.assert_allclose(z, x, atol=1e-5)
+    f = rng.standard_normal((2, 100))  # fallback plan with permutation goes through a copy
+    o = np.empty_like(f)
+    lowbit.hadamard(f, perm_seed=1, out=o)
+    np.testing.assert_allclose(o, lowbit.hadamard(f, perm_seed=1))
+    with pytest.raises(lowbit.DTypeError, match="out"):
+        lowbit.hadamard(x, out=np.empty((5, 576), np.float64))
+    with pytest.raises(lowbit.ShapeError, match="out"):
+        lowbit.hadamard(x, out=np.empty((5, 575), np.float32))
+    with pytest.raises(lowbit.ShapeError, match="out"):
+        lowbit.hadamard(x.T.copy(), axis=0, out=np.empty((576, 5), np.float32))
+    with pytest.raises(lowbit.ShapeError, match="overlaps"):
+        big = rng.standard_normal((6, 64)).astype(np.float32)
+        lowbit.hadamard(big[:5], out=big[1:])
+    with pytest.raises(lowbit.DTypeError, match="out"):
+        h = x.astype(np.float16)
+        lowbit.hadamard(h, out=h)
+
+
+def test_out_torch_in_place():
+    torch = pytest.importorskip("torch")
+    t = torch.randn(3, 64)
+    want = lowbit.hadamard(t)
+    assert lowbit.hadamard(t, out=t) is t
+    assert torch.allclose(t, want)

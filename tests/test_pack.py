@@ -196,3 +196,34 @@ def test_core_rejects_shape_mismatch_directly():
         _core.unpack(np.zeros((2, 1), np.uint8), 2, 10)
     with pytest.raises(lowbit.ValueRangeError, match="codes"):
         _core.pack(np.full((1, 4), 9, np.uint8), 3)
+
+
+def test_unpack_into_out_buffer():
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 4, size=(2, 3, 50), dtype=np.uint8)
+    p = lowbit.pack(codes, 2)
+    out = np.full((2, 3, 50), 9, np.uint8)
+    assert lowbit.unpack(p, 2, 50, out=out) is out
+    np.testing.assert_array_equal(out, codes)
+    v = rng.integers(-1, 2, size=(4, 33), dtype=np.int8)
+    o = np.zeros((4, 33), np.int8)
+    assert lowbit.unpack_ternary(lowbit.pack_ternary(v), 33, out=o) is o
+    np.testing.assert_array_equal(o, v)
+    with pytest.raises(lowbit.ShapeError, match="out"):
+        lowbit.unpack(p, 2, 50, out=np.zeros((6, 50), np.uint8))
+    with pytest.raises(lowbit.DTypeError, match="out"):
+        lowbit.unpack(p, 2, 50, out=np.zeros((2, 3, 50), np.int8))
+    with pytest.raises(lowbit.ShapeError, match="out"):
+        lowbit.unpack(p, 2, 50, out=np.zeros((2, 3, 100), np.uint8)[..., ::2])
+
+
+def test_streamed_large_outputs_roundtrip():
+    # > 8 MB of output takes the non-temporal-store path, with aligned and unaligned rows.
+    rng = np.random.default_rng(5)
+    for n, bits in [(4096, 2), (4093, 3), (1001, 4)]:
+        rows = (12 << 20) // n
+        codes = rng.integers(0, 1 << bits, size=(rows, n), dtype=np.uint8)
+        np.testing.assert_array_equal(lowbit.unpack(lowbit.pack(codes, bits), bits, n), codes)
+    v = rng.integers(-1, 2, size=(3001, 4003), dtype=np.int8)
+    for form in FORMS:
+        np.testing.assert_array_equal(lowbit.unpack_ternary(lowbit.pack_ternary(v, form), 4003, form), v)

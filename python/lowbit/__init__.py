@@ -6,7 +6,7 @@ quantization methods, checkpoints and the CLI grow on top of them.
 
 from __future__ import annotations
 
-from . import _core
+from . import _core, errors
 from .errors import (
     CheckpointError,
     DTypeError,
@@ -45,12 +45,7 @@ def get_num_threads() -> int:
 
 __all__ = [
     "__version__",
-    "LowbitError",
-    "UnsupportedSizeError",
-    "ShapeError",
-    "DTypeError",
-    "ValueRangeError",
-    "CheckpointError",
+    *errors.__all__,
     "HadamardBlock",
     "HadamardPlan",
     "hadamard",

@@ -118,3 +118,27 @@ def integer_dtype(dtype: np.dtype) -> np.dtype | None:
 
 def uint8_only(dtype: np.dtype) -> np.dtype | None:
     return np.dtype(np.uint8) if dtype == np.uint8 else None
+
+
+def out_rows(out: Any, shape: tuple, dtype: np.dtype, arg: str = "out") -> np.ndarray:
+    """A ``(-1, shape[-1])`` numpy view of a caller-provided output buffer (never a copy).
+
+    ``out`` must be a numpy array or CPU torch tensor of exactly ``shape`` and ``dtype``, C-contiguous.
+    """
+    if is_torch(out):
+        if out.device.type != "cpu":
+            raise ShapeError(f"{arg}: must be a CPU tensor, got device {out.device}")
+        if not out.is_contiguous():
+            raise ShapeError(f"{arg}: must be contiguous")
+        a = out.detach().numpy()
+    elif isinstance(out, np.ndarray):
+        a = out
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            raise ShapeError(f"{arg}: must be a writable C-contiguous array")
+    else:
+        raise TypeError(f"{arg}: expected a numpy array or a torch tensor, got {type(out).__name__}")
+    if a.dtype != dtype:
+        raise DTypeError(f"{arg}: must have dtype {np.dtype(dtype)}, got {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ShapeError(f"{arg}: must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    return a.reshape(int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])

@@ -13,8 +13,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import float_dtype, integer_dtype, is_torch, to_rows, uint8_only
-from .errors import ShapeError, UnsupportedSizeError, ValueRangeError
+from ._arrays import float_dtype, integer_dtype, is_torch, out_rows, to_rows, uint8_only
+from .errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
 
 __all__ = [
     "HadamardBlock",
@@ -151,6 +151,7 @@ def hadamard(
     inverse: bool = False,
     strict: bool = False,
     perm_seed: Optional[int] = None,
+    out: Any = None,
 ) -> Any:
     """Fast Walsh–Hadamard transform along one axis.
 
@@ -171,9 +172,13 @@ def hadamard(
             inverse=True) == x``, also when ``normalize=False``).
         strict: refuse lengths without an exact Hadamard matrix (:class:`UnsupportedSizeError`).
         perm_seed: for fallback lengths only, permute coordinates by this seed before the blocks.
+        out: optional C-contiguous buffer of ``x``'s shape and dtype (float32/float64, CPU), for the
+            last axis only, to write into and return; ``out=x`` transforms in place. Reusing a
+            buffer avoids the cost of fresh memory on large batches.
 
     Returns:
-        Same type, shape, dtype and device as ``x``; a new array (``x`` is not modified).
+        Same type, shape, dtype and device as ``x``; a new array (``x`` is not modified) unless
+        ``out`` is given.
 
     NaN or inf in a vector spread to every output of its block; they never raise.
     """
@@ -185,6 +190,8 @@ def hadamard(
     if plan.perm_seed is not None:
         perm = _core.random_permutation(n, plan.perm_seed).astype(np.intp)
     fn = _core.hadamard_f64 if rows.dtype == np.float64 else _core.hadamard_f32
+    if out is not None:
+        return _hadamard_into(x, rows, restore, out, normalize, inverse, strict, s, perm, perm_seed)
     if perm is None:
         out = fn(rows, normalize, inverse, strict, s)
     elif not inverse:
@@ -197,6 +204,28 @@ def hadamard(
         if s is not None:
             out *= s.astype(out.dtype)
     return restore(out)
+
+
+def _hadamard_into(x, rows, restore, out, normalize, inverse, strict, s, perm, perm_seed):
+    xdtype = restore.torch_dtype if restore.torch_dtype is not None else restore.np_dtype
+    if rows.dtype not in (np.float32, np.float64) or np.dtype(str(xdtype).replace("torch.", "")) != rows.dtype:
+        raise DTypeError(f"out: only float32/float64 inputs can be transformed into out=, got {xdtype}")
+    if restore.axis != restore.ndim - 1:
+        raise ShapeError(f"out: only supported along the last axis, got axis={restore.axis}")
+    o = out_rows(out, (*restore.lead_shape, rows.shape[1]), rows.dtype)
+    if perm is not None:
+        o[...] = hadamard(rows, normalize=normalize, signs=s, inverse=inverse, strict=strict, perm_seed=perm_seed)
+        return out
+    if np.shares_memory(o, rows):
+        same = o.__array_interface__["data"][0] == rows.__array_interface__["data"][0]
+        if not same or o.strides != rows.strides:
+            raise ShapeError("out: overlaps x without being x itself")
+        inplace = _core.hadamard_inplace_f64 if rows.dtype == np.float64 else _core.hadamard_inplace_f32
+        inplace(o, normalize, inverse, strict, s)
+    else:
+        fn = _core.hadamard_f64 if rows.dtype == np.float64 else _core.hadamard_f32
+        fn(rows, normalize, inverse, strict, s, o)
+    return out
 
 
 def hadamard_matrix(
@@ -280,8 +309,12 @@ def pack(codes: Any, bits: int) -> Any:
     return restore(_core.pack(rows, bits), cast=False)
 
 
-def unpack(packed: Any, bits: int, n: int) -> Any:
+def unpack(packed: Any, bits: int, n: int, *, out: Any = None) -> Any:
     """Inverse of :func:`pack`: ``(..., ceil(n·bits/8))`` uint8 → ``(..., n)`` uint8 codes.
+
+    Args:
+        out: optional ``(..., n)`` uint8 C-contiguous buffer (numpy or CPU torch) to write into and
+            return; reusing one avoids the page faults of a fresh allocation on large arrays.
 
     Raises:
         DTypeError: ``packed`` is not uint8. ShapeError: its last axis is not exactly
@@ -295,6 +328,9 @@ def unpack(packed: Any, bits: int, n: int) -> Any:
         raise ShapeError(
             f"packed: last axis has {rows.shape[1]} bytes; n={n} codes of {bits} bits take exactly {want}"
         )
+    if out is not None:
+        _core.unpack(rows, bits, n, out_rows(out, (*restore.lead_shape, n), np.dtype(np.uint8)))
+        return out
     return restore(_core.unpack(rows, bits, n), cast=False)
 
 
@@ -329,8 +365,11 @@ def pack_ternary(values: Any, form: str = "base3") -> Any:
     return restore(_core.pack_ternary(rows, form), cast=False)
 
 
-def unpack_ternary(packed: Any, n: int, form: str = "base3") -> Any:
+def unpack_ternary(packed: Any, n: int, form: str = "base3", *, out: Any = None) -> Any:
     """Inverse of :func:`pack_ternary`: uint8 rows → ``(..., n)`` int8 values in {−1, 0, 1}.
+
+    Args:
+        out: optional ``(..., n)`` int8 C-contiguous buffer to write into and return.
 
     Raises:
         ShapeError: the last axis is not exactly ``ceil(n/5)`` (base3) or ``ceil(n/4)`` (2bit) bytes.
@@ -342,4 +381,7 @@ def unpack_ternary(packed: Any, n: int, form: str = "base3") -> Any:
     want = -(-n // 5) if form == "base3" else -(-n // 4)
     if rows.shape[1] != want:
         raise ShapeError(f"packed: last axis has {rows.shape[1]} bytes; n={n} ternary values ({form}) take exactly {want}")
+    if out is not None:
+        _core.unpack_ternary(rows, n, form, out_rows(out, (*restore.lead_shape, n), np.dtype(np.int8)))
+        return out
     return restore(_core.unpack_ternary(rows, n, form), cast=False)

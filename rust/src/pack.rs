@@ -168,7 +168,7 @@ fn unpack_row_body(packed: &[u8], bits: u32, out: &mut [u8]) {
 
 const POW3: [u8; 5] = [1, 3, 9, 27, 81];
 
-/// Decode table: byte → its 5 ternary values (as i8 in the first 5 lanes of a u64, little-endian).
+/// Byte → its 5 ternary values (i8 in the first 5 bytes of a little-endian u64, by the TQ1_0 rule).
 const fn base3_table() -> [u64; 256] {
     let mut t = [0u64; 256];
     let mut b = 0;
@@ -187,7 +187,23 @@ const fn base3_table() -> [u64; 256] {
     t
 }
 
-static BASE3: [u64; 256] = base3_table();
+/// Decode table: byte → its 5 ternary values, padded to 8 so one unaligned 8-byte store writes them.
+const fn base3_i8() -> [[i8; 8]; 256] {
+    let t = base3_table();
+    let mut out = [[0i8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            out[b][j] = (t[b] >> (8 * j)) as u8 as i8;
+            j += 1;
+        }
+        b += 1;
+    }
+    out
+}
+
+static BASE3_I8: [[i8; 8]; 256] = base3_i8();
 
 #[inline(always)]
 fn base3_byte(d: [u8; 5]) -> u8 {
@@ -197,9 +213,14 @@ fn base3_byte(d: [u8; 5]) -> u8 {
 
 #[inline(always)]
 fn pack_base3_row_body(vals: &[i8], out: &mut [u8]) {
-    for (o, c) in out.iter_mut().zip(vals.chunks(5)) {
+    let whole = vals.len() / 5;
+    for (o, c) in out.iter_mut().zip(vals.chunks_exact(5)) {
+        let q = c.iter().fold(0u32, |acc, &v| acc * 3 + (v + 1) as u32);
+        *o = (q * 256).div_ceil(243) as u8;
+    }
+    if let Some(o) = out.get_mut(whole) {
         let mut d = [1u8; 5];
-        for (dj, &v) in d.iter_mut().zip(c) {
+        for (dj, &v) in d.iter_mut().zip(&vals[5 * whole..]) {
             *dj = (v + 1) as u8;
         }
         *o = base3_byte(d);
@@ -209,18 +230,14 @@ fn pack_base3_row_body(vals: &[i8], out: &mut [u8]) {
 #[inline(always)]
 fn unpack_base3_row_body(packed: &[u8], out: &mut [i8]) {
     let n = out.len();
-    // Whole bytes whose 8-byte store stays inside `out` (it overlaps the next group, which is
-    // written afterwards): i.e. 5·i + 8 <= n.
+    // Whole bytes whose 8-byte table store stays inside `out` (it overlaps the next group, which
+    // is written afterwards): 5·i + 8 <= n.
     let fast = if n >= 8 { (n - 8) / 5 + 1 } else { 0 };
     for (i, &p) in packed[..fast].iter().enumerate() {
-        let w = BASE3[p as usize].to_le_bytes();
-        let dst = &mut out[5 * i..5 * i + 8];
-        for (d, &s) in dst.iter_mut().zip(&w) {
-            *d = s as i8;
-        }
+        out[5 * i..5 * i + 8].copy_from_slice(&BASE3_I8[p as usize]);
     }
     for i in 5 * fast..n {
-        out[i] = (BASE3[packed[i / 5] as usize] >> (8 * (i % 5))) as u8 as i8;
+        out[i] = BASE3_I8[packed[i / 5] as usize][i % 5];
     }
 }
 
@@ -249,10 +266,16 @@ crate::multiversion! { fn has_code3(x: &[u8]) -> bool = has_code3_body; }
 // Row drivers: validation, then rows (or, when rows are byte aligned, one flat stream) in
 // parallel chunks.
 
+/// Outputs at least this large are written with non-temporal stores (they cannot stay in cache).
+const STREAM_BYTES: usize = 8 << 20;
+/// Size of the cache-resident staging buffer for streamed output.
+const STAGE: usize = 16 << 10;
+
 /// Apply `f(src_chunk, dst_chunk)` over matching chunks of two row-major arrays, in parallel when
 /// large. When every row is byte aligned (`aligned`), rows are merged into one stream and split at
-/// group boundaries (`group_in` source items ↔ `group_out` destination items).
-fn run_rows<S: Sync, D: Send>(
+/// group boundaries (`group_in` source items ↔ `group_out` destination items). Large outputs are
+/// produced in a small staging buffer and streamed out with non-temporal stores.
+fn run_rows<S: Sync, D: Send + Copy + Default>(
     src: &[S],
     dst: &mut [D],
     row_in: usize,
@@ -270,11 +293,36 @@ fn run_rows<S: Sync, D: Send>(
     }
     let units = src.len() / unit_in;
     let per_task = (TASK_BYTES / (unit_in + unit_out).max(1)).max(1);
-    let call = |s: &[S], d: &mut [D]| match aligned {
-        Some(_) => f(s, d),
-        None => {
-            for (si, di) in s.chunks_exact(row_in).zip(d.chunks_exact_mut(row_out)) {
-                f(si, di);
+    let stream = std::mem::size_of_val(dst) >= STREAM_BYTES;
+    let call = |s: &[S], d: &mut [D]| {
+        // The staged path: rows (or runs of aligned groups) of at most STAGE outputs.
+        let stage_units = STAGE / unit_out;
+        if stream && stage_units > 0 {
+            let mut buf = vec![D::default(); stage_units * unit_out];
+            for (si, di) in s
+                .chunks(stage_units * unit_in)
+                .zip(d.chunks_mut(stage_units * unit_out))
+            {
+                let b = &mut buf[..di.len()];
+                match aligned {
+                    Some(_) => f(si, b),
+                    None => {
+                        for (sr, br) in si.chunks_exact(row_in).zip(b.chunks_exact_mut(row_out)) {
+                            f(sr, br);
+                        }
+                    }
+                }
+                crate::simd::stream_copy(di, b);
+            }
+            crate::simd::stream_fence();
+            return;
+        }
+        match aligned {
+            Some(_) => f(s, d),
+            None => {
+                for (si, di) in s.chunks_exact(row_in).zip(d.chunks_exact_mut(row_out)) {
+                    f(si, di);
+                }
             }
         }
     };

@@ -57,6 +57,23 @@ fn contiguous<'a, T: numpy::Element>(
     })
 }
 
+/// A new C-contiguous `(rows, cols)` numpy array, **uninitialized**, with its data as a slice.
+///
+/// numpy's allocator (huge pages for large arrays, no zero fill) makes big outputs several times
+/// cheaper than a fresh zeroed `Vec`, whose page faults dominated large calls. Every caller
+/// writes every element before the array is returned.
+fn new_array<'py, T: numpy::Element>(
+    py: Python<'py>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<(Bound<'py, PyArray2<T>>, &'py mut [T])> {
+    // SAFETY: the array is new, so nothing else can view its buffer; the slice lives as long as
+    // the array object ('py) and is only written by this call before the array is handed out.
+    let arr = unsafe { PyArray2::<T>::new(py, [rows, cols], false) };
+    let slice = unsafe { std::slice::from_raw_parts_mut(arr.data(), rows * cols) };
+    Ok((arr, slice))
+}
+
 fn reshape2<'py, T: numpy::Element>(
     py: Python<'py>,
     v: Vec<T>,
@@ -66,17 +83,15 @@ fn reshape2<'py, T: numpy::Element>(
     v.into_pyarray(py).reshape([rows, cols])
 }
 
-fn hadamard_impl<'py, T: Real + numpy::Element>(
-    py: Python<'py>,
-    x: PyReadonlyArray2<'py, T>,
+fn prepare<T: Real>(
+    py: Python<'_>,
+    n: usize,
     normalize: bool,
     inverse: bool,
     strict: bool,
-    signs: Option<PyReadonlyArray1<'py, i8>>,
-) -> PyResult<Bound<'py, PyArray2<T>>> {
-    let [rows, n] = [x.shape()[0], x.shape()[1]];
-    let xs = contiguous(&x, "x")?;
-    let signs_slice = match &signs {
+    signs: &Option<PyReadonlyArray1<'_, i8>>,
+) -> PyResult<Hadamard<T>> {
+    let signs_slice = match signs {
         Some(s) => Some(s.as_slice().map_err(|_| {
             to_pyerr(
                 py,
@@ -88,47 +103,111 @@ fn hadamard_impl<'py, T: Real + numpy::Element>(
         })?),
         None => None,
     };
-    let out = detached(py, || {
-        let plan = if strict {
-            hadamard::plan_strict(n)?
-        } else {
-            hadamard::plan(n)?
-        };
-        let h = Hadamard::<T>::new(plan, normalize, inverse, signs_slice)?;
-        let mut out = vec![T::ZERO; xs.len()];
-        h.apply_rows_into(xs, &mut out)?;
-        Ok(out)
+    let plan = if strict {
+        hadamard::plan_strict(n)
+    } else {
+        hadamard::plan(n)
+    }
+    .map_err(|e| to_pyerr(py, e))?;
+    Hadamard::<T>::new(plan, normalize, inverse, signs_slice).map_err(|e| to_pyerr(py, e))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn hadamard_impl<'py, T: Real + numpy::Element>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, T>,
+    normalize: bool,
+    inverse: bool,
+    strict: bool,
+    signs: Option<PyReadonlyArray1<'py, i8>>,
+    out: Option<Bound<'py, PyArray2<T>>>,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let [rows, n] = [x.shape()[0], x.shape()[1]];
+    let xs = contiguous(&x, "x")?;
+    let h = prepare::<T>(py, n, normalize, inverse, strict, &signs)?;
+    match out {
+        Some(o) => {
+            {
+                let mut rw = o.try_readwrite().map_err(|_| {
+                    to_pyerr(
+                        py,
+                        Error::Shape {
+                            arg: "out",
+                            detail: "overlaps x; use the in-place form".into(),
+                        },
+                    )
+                })?;
+                let os = out_slice(py, &mut rw, rows, n)?;
+                detached(py, || h.apply_rows_into(xs, os))?;
+            }
+            Ok(o)
+        }
+        None => {
+            let (arr, os) = new_array::<T>(py, rows, n)?;
+            detached(py, || h.apply_rows_into(xs, os))?;
+            Ok(arr)
+        }
+    }
+}
+
+fn hadamard_inplace_impl<T: Real + numpy::Element>(
+    py: Python<'_>,
+    mut x: numpy::PyReadwriteArray2<'_, T>,
+    normalize: bool,
+    inverse: bool,
+    strict: bool,
+    signs: Option<PyReadonlyArray1<'_, i8>>,
+) -> PyResult<()> {
+    let n = x.shape()[1];
+    let h = prepare::<T>(py, n, normalize, inverse, strict, &signs)?;
+    let xs = x.as_slice_mut().map_err(|_| {
+        to_pyerr(
+            py,
+            Error::Shape {
+                arg: "x",
+                detail: "must be C-contiguous".into(),
+            },
+        )
     })?;
-    reshape2(py, out, rows, n)
+    detached(py, || h.apply_rows(xs))
 }
 
-/// Hadamard transform of every row of a float32 (rows, n) array; see `lowbit.hadamard`.
-#[pyfunction]
-#[pyo3(signature = (x, normalize=true, inverse=false, strict=false, signs=None))]
-fn hadamard_f32<'py>(
-    py: Python<'py>,
-    x: PyReadonlyArray2<'py, f32>,
-    normalize: bool,
-    inverse: bool,
-    strict: bool,
-    signs: Option<PyReadonlyArray1<'py, i8>>,
-) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    hadamard_impl(py, x, normalize, inverse, strict, signs)
+/// The per-dtype `#[pyfunction]`s (PyO3 functions cannot be generic).
+macro_rules! hadamard_bindings {
+    ($t:ty, $name:ident, $inplace:ident, $dtype:literal) => {
+        #[doc = concat!("Hadamard transform of every row of a ", $dtype, " (rows, n) array, into `out` if given; see `lowbit.hadamard`.")]
+        #[pyfunction]
+        #[pyo3(signature = (x, normalize=true, inverse=false, strict=false, signs=None, out=None))]
+        fn $name<'py>(
+            py: Python<'py>,
+            x: PyReadonlyArray2<'py, $t>,
+            normalize: bool,
+            inverse: bool,
+            strict: bool,
+            signs: Option<PyReadonlyArray1<'py, i8>>,
+            out: Option<Bound<'py, PyArray2<$t>>>,
+        ) -> PyResult<Bound<'py, PyArray2<$t>>> {
+            hadamard_impl(py, x, normalize, inverse, strict, signs, out)
+        }
+
+        #[doc = concat!("In-place Hadamard transform of every row of a C-contiguous ", $dtype, " (rows, n) array.")]
+        #[pyfunction]
+        #[pyo3(signature = (x, normalize=true, inverse=false, strict=false, signs=None))]
+        fn $inplace(
+            py: Python<'_>,
+            x: numpy::PyReadwriteArray2<'_, $t>,
+            normalize: bool,
+            inverse: bool,
+            strict: bool,
+            signs: Option<PyReadonlyArray1<'_, i8>>,
+        ) -> PyResult<()> {
+            hadamard_inplace_impl(py, x, normalize, inverse, strict, signs)
+        }
+    };
 }
 
-/// Hadamard transform of every row of a float64 (rows, n) array; see `lowbit.hadamard`.
-#[pyfunction]
-#[pyo3(signature = (x, normalize=true, inverse=false, strict=false, signs=None))]
-fn hadamard_f64<'py>(
-    py: Python<'py>,
-    x: PyReadonlyArray2<'py, f64>,
-    normalize: bool,
-    inverse: bool,
-    strict: bool,
-    signs: Option<PyReadonlyArray1<'py, i8>>,
-) -> PyResult<Bound<'py, PyArray2<f64>>> {
-    hadamard_impl(py, x, normalize, inverse, strict, signs)
-}
+hadamard_bindings!(f32, hadamard_f32, hadamard_inplace_f32, "float32");
+hadamard_bindings!(f64, hadamard_f64, hadamard_inplace_f64, "float64");
 
 /// `(offset, k, m)` of one plan block.
 type PlanBlock = (usize, usize, u32);
@@ -192,45 +271,81 @@ fn pack<'py>(
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let [rows, n] = [codes.shape()[0], codes.shape()[1]];
     let cs = contiguous(&codes, "codes")?;
-    let (out, rb) = detached(py, || {
-        let rb = core_pack::packed_row_bytes(n, bits)?;
-        let mut out = vec![0u8; rows * rb];
-        core_pack::pack(cs, n, bits, &mut out)?;
-        Ok((out, rb))
-    })?;
-    reshape2(py, out, rows, rb)
+    let rb = core_pack::packed_row_bytes(n, bits).map_err(|e| to_pyerr(py, e))?;
+    let (out, os) = new_array::<u8>(py, rows, rb)?;
+    detached(py, || core_pack::pack(cs, n, bits, os))?;
+    Ok(out)
 }
 
-/// Unpack (rows, ceil(n·bits/8)) bytes into uint8 codes (rows, n); see `lowbit.unpack`.
+/// A writable, C-contiguous output array of exactly `rows × cols` (for the `out=` arguments).
+fn out_slice<'a, T: numpy::Element>(
+    py: Python<'_>,
+    out: &'a mut numpy::PyReadwriteArray2<'_, T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<&'a mut [T]> {
+    let shape = out.shape().to_vec();
+    if shape != [rows, cols] {
+        return Err(to_pyerr(
+            py,
+            Error::Shape {
+                arg: "out",
+                detail: format!("has shape {shape:?}, need [{rows}, {cols}]"),
+            },
+        ));
+    }
+    out.as_slice_mut().map_err(|_| {
+        to_pyerr(
+            py,
+            Error::Shape {
+                arg: "out",
+                detail: "must be C-contiguous".into(),
+            },
+        )
+    })
+}
+
+/// Unpack (rows, ceil(n·bits/8)) bytes into uint8 codes (rows, n), into `out` if given; see
+/// `lowbit.unpack`.
 #[pyfunction]
+#[pyo3(signature = (packed, bits, n, out=None))]
 fn unpack<'py>(
     py: Python<'py>,
     packed: PyReadonlyArray2<'py, u8>,
     bits: u32,
     n: usize,
+    out: Option<Bound<'py, PyArray2<u8>>>,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let rows = packed.shape()[0];
     let ps = contiguous(&packed, "packed")?;
-    let out = detached(py, || {
-        let rb = core_pack::packed_row_bytes(n, bits)?;
-        if packed_width_mismatch(ps.len(), rows, rb) {
-            return Err(Error::Shape {
+    let rb = core_pack::packed_row_bytes(n, bits).map_err(|e| to_pyerr(py, e))?;
+    if ps.len() != rows * rb {
+        return Err(to_pyerr(
+            py,
+            Error::Shape {
                 arg: "packed",
                 detail: format!(
                     "rows have {} bytes; n = {n} {bits}-bit codes take exactly {rb}",
-                    ps.len() / rows.max(1)
+                    packed.shape()[1]
                 ),
-            });
+            },
+        ));
+    }
+    match out {
+        Some(o) => {
+            {
+                let mut rw = o.try_readwrite()?;
+                let os = out_slice(py, &mut rw, rows, n)?;
+                detached(py, || core_pack::unpack(ps, n, bits, os))?;
+            }
+            Ok(o)
         }
-        let mut out = vec![0u8; rows * n];
-        core_pack::unpack(ps, n, bits, &mut out)?;
-        Ok(out)
-    })?;
-    reshape2(py, out, rows, n)
-}
-
-fn packed_width_mismatch(len: usize, rows: usize, rb: usize) -> bool {
-    len != rows * rb
+        None => {
+            let (arr, os) = new_array::<u8>(py, rows, n)?;
+            detached(py, || core_pack::unpack(ps, n, bits, os))?;
+            Ok(arr)
+        }
+    }
 }
 
 fn ternary_form(py: Python<'_>, form: &str) -> PyResult<TernaryForm> {
@@ -259,32 +374,40 @@ fn pack_ternary<'py>(
     let [rows, n] = [values.shape()[0], values.shape()[1]];
     let vs = contiguous(&values, "values")?;
     let rb = core_pack::ternary_row_bytes(n, form);
-    let out = detached(py, || {
-        let mut out = vec![0u8; rows * rb];
-        core_pack::pack_ternary(vs, n, form, &mut out)?;
-        Ok(out)
-    })?;
-    reshape2(py, out, rows, rb)
+    let (out, os) = new_array::<u8>(py, rows, rb)?;
+    detached(py, || core_pack::pack_ternary(vs, n, form, os))?;
+    Ok(out)
 }
 
-/// Unpack ternary bytes into int8 values (rows, n); see `lowbit.unpack_ternary`.
+/// Unpack ternary bytes into int8 values (rows, n), into `out` if given; see
+/// `lowbit.unpack_ternary`.
 #[pyfunction]
-#[pyo3(signature = (packed, n, form="base3"))]
+#[pyo3(signature = (packed, n, form="base3", out=None))]
 fn unpack_ternary<'py>(
     py: Python<'py>,
     packed: PyReadonlyArray2<'py, u8>,
     n: usize,
     form: &str,
+    out: Option<Bound<'py, PyArray2<i8>>>,
 ) -> PyResult<Bound<'py, PyArray2<i8>>> {
     let form = ternary_form(py, form)?;
     let rows = packed.shape()[0];
     let ps = contiguous(&packed, "packed")?;
-    let out = detached(py, || {
-        let mut out = vec![0i8; rows * n];
-        core_pack::unpack_ternary(ps, n, form, &mut out)?;
-        Ok(out)
-    })?;
-    reshape2(py, out, rows, n)
+    match out {
+        Some(o) => {
+            {
+                let mut rw = o.try_readwrite()?;
+                let os = out_slice(py, &mut rw, rows, n)?;
+                detached(py, || core_pack::unpack_ternary(ps, n, form, os))?;
+            }
+            Ok(o)
+        }
+        None => {
+            let (arr, os) = new_array::<i8>(py, rows, n)?;
+            detached(py, || core_pack::unpack_ternary(ps, n, form, os))?;
+            Ok(arr)
+        }
+    }
 }
 
 /// Resize the thread pool (0 = default: LOWBIT_NUM_THREADS or all cores).
@@ -309,6 +432,8 @@ fn simd_level() -> &'static str {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hadamard_f32, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_inplace_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(hadamard_inplace_f64, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard_plan, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard_base, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard_base_orders, m)?)?;

@@ -9,6 +9,35 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+/// Stages h = 1, 2, 4, 8 inside one 16-float register: per stage one shuffle to bring each lane's
+/// partner, one add, and a masked subtract (partner − self) on the lanes with bit h set.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn inreg16(v: __m512) -> __m512 {
+    let s = _mm512_permute_ps::<0xB1>(v);
+    let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xAAAA, s, v);
+    let s = _mm512_permute_ps::<0x4E>(v);
+    let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xCCCC, s, v);
+    let s = _mm512_shuffle_f32x4::<0xB1>(v, v);
+    let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xF0F0, s, v);
+    let s = _mm512_shuffle_f32x4::<0x4E>(v, v);
+    _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xFF00, s, v)
+}
+
+/// Stages h = 1, 2, 4 inside one 8-float register (shuffle, add, subtract, blend).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+fn inreg8(v: __m256) -> __m256 {
+    let s = _mm256_permute_ps::<0xB1>(v);
+    let v = _mm256_blend_ps::<0xAA>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v));
+    let s = _mm256_permute_ps::<0x4E>(v);
+    let v = _mm256_blend_ps::<0xCC>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v));
+    let s = _mm256_permute2f128_ps::<0x01>(v, v);
+    _mm256_blend_ps::<0xF0>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v))
+}
+
 /// Stages h = 1, 2, 4, 8, 16, 32 on every 64-float block of `x` (`x.len() % 64 == 0`).
 ///
 /// # Safety
@@ -17,24 +46,12 @@ use std::arch::x86_64::*;
 #[target_feature(enable = "avx512f")]
 pub unsafe fn head64_avx512(x: &mut [f32]) {
     debug_assert!(x.len().is_multiple_of(64));
-    #[inline(always)]
-    unsafe fn inreg(v: __m512) -> __m512 {
-        // h = 1: partner is the neighbour in the pair; lanes with bit 0 set take partner − self.
-        let s = _mm512_permute_ps::<0xB1>(v);
-        let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xAAAA, s, v);
-        let s = _mm512_permute_ps::<0x4E>(v);
-        let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xCCCC, s, v);
-        let s = _mm512_shuffle_f32x4::<0xB1>(v, v);
-        let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xF0F0, s, v);
-        let s = _mm512_shuffle_f32x4::<0x4E>(v, v);
-        _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xFF00, s, v)
-    }
     for block in x.chunks_exact_mut(64) {
         let p = block.as_mut_ptr();
-        let a = inreg(_mm512_loadu_ps(p));
-        let b = inreg(_mm512_loadu_ps(p.add(16)));
-        let c = inreg(_mm512_loadu_ps(p.add(32)));
-        let d = inreg(_mm512_loadu_ps(p.add(48)));
+        let a = inreg16(_mm512_loadu_ps(p));
+        let b = inreg16(_mm512_loadu_ps(p.add(16)));
+        let c = inreg16(_mm512_loadu_ps(p.add(32)));
+        let d = inreg16(_mm512_loadu_ps(p.add(48)));
         let (a1, b1, c1, d1) = (
             _mm512_add_ps(a, b),
             _mm512_sub_ps(a, b),
@@ -56,21 +73,12 @@ pub unsafe fn head64_avx512(x: &mut [f32]) {
 #[target_feature(enable = "avx2")]
 pub unsafe fn head32_avx2(x: &mut [f32]) {
     debug_assert!(x.len().is_multiple_of(32));
-    #[inline(always)]
-    unsafe fn inreg(v: __m256) -> __m256 {
-        let s = _mm256_permute_ps::<0xB1>(v);
-        let v = _mm256_blend_ps::<0xAA>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v));
-        let s = _mm256_permute_ps::<0x4E>(v);
-        let v = _mm256_blend_ps::<0xCC>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v));
-        let s = _mm256_permute2f128_ps::<0x01>(v, v);
-        _mm256_blend_ps::<0xF0>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v))
-    }
     for block in x.chunks_exact_mut(32) {
         let p = block.as_mut_ptr();
-        let a = inreg(_mm256_loadu_ps(p));
-        let b = inreg(_mm256_loadu_ps(p.add(8)));
-        let c = inreg(_mm256_loadu_ps(p.add(16)));
-        let d = inreg(_mm256_loadu_ps(p.add(24)));
+        let a = inreg8(_mm256_loadu_ps(p));
+        let b = inreg8(_mm256_loadu_ps(p.add(8)));
+        let c = inreg8(_mm256_loadu_ps(p.add(16)));
+        let d = inreg8(_mm256_loadu_ps(p.add(24)));
         let (a1, b1, c1, d1) = (
             _mm256_add_ps(a, b),
             _mm256_sub_ps(a, b),
@@ -94,15 +102,7 @@ pub unsafe fn head16_avx512(x: &mut [f32]) {
     debug_assert!(x.len().is_multiple_of(16));
     for block in x.chunks_exact_mut(16) {
         let p = block.as_mut_ptr();
-        let v = _mm512_loadu_ps(p);
-        let s = _mm512_permute_ps::<0xB1>(v);
-        let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xAAAA, s, v);
-        let s = _mm512_permute_ps::<0x4E>(v);
-        let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xCCCC, s, v);
-        let s = _mm512_shuffle_f32x4::<0xB1>(v, v);
-        let v = _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xF0F0, s, v);
-        let s = _mm512_shuffle_f32x4::<0x4E>(v, v);
-        _mm512_storeu_ps(p, _mm512_mask_sub_ps(_mm512_add_ps(v, s), 0xFF00, s, v));
+        _mm512_storeu_ps(p, inreg16(_mm512_loadu_ps(p)));
     }
 }
 
@@ -116,16 +116,7 @@ pub unsafe fn head8_avx(x: &mut [f32]) {
     debug_assert!(x.len().is_multiple_of(8));
     for block in x.chunks_exact_mut(8) {
         let p = block.as_mut_ptr();
-        let v = _mm256_loadu_ps(p);
-        let s = _mm256_permute_ps::<0xB1>(v);
-        let v = _mm256_blend_ps::<0xAA>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v));
-        let s = _mm256_permute_ps::<0x4E>(v);
-        let v = _mm256_blend_ps::<0xCC>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v));
-        let s = _mm256_permute2f128_ps::<0x01>(v, v);
-        _mm256_storeu_ps(
-            p,
-            _mm256_blend_ps::<0xF0>(_mm256_add_ps(v, s), _mm256_sub_ps(s, v)),
-        );
+        _mm256_storeu_ps(p, inreg8(_mm256_loadu_ps(p)));
     }
 }
 

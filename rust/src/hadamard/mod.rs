@@ -301,79 +301,56 @@ impl<T: Real> Hadamard<T> {
                 detail: format!("has {} elements, the input has {}", dst.len(), src.len()),
             });
         }
-        let n = self.plan.n;
-        if n == 0 {
-            return Ok(());
-        }
-        if !src.len().is_multiple_of(n) {
-            return Err(Error::Shape {
-                arg: "x",
-                detail: format!(
-                    "has {} elements, not a whole number of rows of length {n}",
-                    src.len()
-                ),
-            });
-        }
-        let rows_per_task = ((1usize << 16) / n).max(1);
-        let scratch_len = self.scratch_len;
-        let one = |s: &[T], d: &mut [T], scratch: &mut Vec<T>| {
-            d.copy_from_slice(s);
-            for row in d.chunks_exact_mut(n) {
-                self.apply_one(row, scratch);
-            }
-        };
-        if src.len() <= rows_per_task * n {
-            one(src, dst, &mut vec![T::ZERO; scratch_len]);
-        } else {
-            crate::threads::install(|| {
-                src.par_chunks(rows_per_task * n)
-                    .zip(dst.par_chunks_mut(rows_per_task * n))
-                    .for_each_init(
-                        || vec![T::ZERO; scratch_len],
-                        |scratch, (s, d)| one(s, d, scratch),
-                    );
-            });
-        }
+        self.check_rows(src.len())?;
+        self.run(dst, Some(src));
         Ok(())
     }
 
     /// Transform every row of `x` (row-major, `x.len() = rows · n`) in place, rows in parallel.
     pub fn apply_rows(&self, x: &mut [T]) -> Result<()> {
+        self.check_rows(x.len())?;
+        self.run(x, None);
+        Ok(())
+    }
+
+    fn check_rows(&self, len: usize) -> Result<()> {
         let n = self.plan.n;
-        if n == 0 {
-            return Ok(());
-        }
-        if !x.len().is_multiple_of(n) {
+        if n > 0 && !len.is_multiple_of(n) {
             return Err(Error::Shape {
                 arg: "x",
-                detail: format!(
-                    "has {} elements, not a whole number of rows of length {n}",
-                    x.len()
-                ),
+                detail: format!("has {len} elements, not a whole number of rows of length {n}"),
             });
         }
-        // ~256 KB of work per task keeps the rayon overhead negligible and the rows in cache.
-        let rows_per_task = ((1usize << 16) / n).max(1);
-        let scratch_len = self.scratch_len;
-        let work = |x: &mut [T]| {
-            x.par_chunks_mut(rows_per_task * n).for_each_init(
-                || vec![T::ZERO; scratch_len],
-                |scratch, chunk| {
-                    for row in chunk.chunks_exact_mut(n) {
-                        self.apply_one(row, scratch);
-                    }
-                },
-            )
-        };
-        if x.len() <= rows_per_task * n {
-            let mut scratch = vec![T::ZERO; scratch_len];
-            for row in x.chunks_exact_mut(n) {
-                self.apply_one(row, &mut scratch);
-            }
-        } else {
-            crate::threads::install(|| work(x));
-        }
         Ok(())
+    }
+
+    /// Transform the rows of `dst` (first copied from `src` when given), ~256 KB per rayon task
+    /// so the overhead is negligible and each task's rows stay in cache.
+    fn run(&self, dst: &mut [T], src: Option<&[T]>) {
+        let n = self.plan.n;
+        if n == 0 || dst.is_empty() {
+            return;
+        }
+        let chunk = ((1usize << 16) / n).max(1) * n;
+        let scratch_len = self.scratch_len;
+        let one = |i: usize, d: &mut [T], scratch: &mut Vec<T>| {
+            if let Some(s) = src {
+                d.copy_from_slice(&s[i * chunk..i * chunk + d.len()]);
+            }
+            for row in d.chunks_exact_mut(n) {
+                self.apply_one(row, scratch);
+            }
+        };
+        if dst.len() <= chunk {
+            one(0, dst, &mut vec![T::ZERO; scratch_len]);
+        } else {
+            crate::threads::install(|| {
+                dst.par_chunks_mut(chunk).enumerate().for_each_init(
+                    || vec![T::ZERO; scratch_len],
+                    |scratch, (i, d)| one(i, d, scratch),
+                );
+            });
+        }
     }
 }
 
