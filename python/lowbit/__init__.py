@@ -1,7 +1,16 @@
 """lowbit — extremely low-bit quantization of LLMs on a Rust core.
 
-Public API (see ``DESIGN.md`` §3): any-size Hadamard transforms and low-bit packing today;
-quantization methods, checkpoints and the CLI grow on top of them.
+Public API (``DESIGN.md`` §3)::
+
+    y = lowbit.hadamard(x)                       # any-size fast Hadamard transforms
+    p = lowbit.pack(codes, bits=2)               # packed low-bit storage
+    model = lowbit.quantize(model, "w4-gptq", calib=lowbit.data.calibration(tok))
+    lowbit.save(model, "out/", tokenizer=tok)    # atomic, safetensors
+    model = lowbit.load("out/")
+    lowbit.eval.perplexity(model, lowbit.data.evaluation(tok))
+
+The torch/transformers parts (``quantize``, ``save``, ``load``, ``data``, ``eval``, ``nn``) are
+imported on first use, so ``import lowbit`` stays light.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from .errors import (
     CheckpointError,
     DTypeError,
     LowbitError,
+    MissingPackageError,
     ShapeError,
+    UnsupportedModelError,
     UnsupportedSizeError,
     ValueRangeError,
 )
@@ -31,6 +42,37 @@ from .ops import (
 )
 
 __version__ = "0.1.0"
+
+
+_LAZY = {
+    "quantize": ("lowbit.driver", "quantize"),
+    "save": ("lowbit.io", "save"),
+    "load": ("lowbit.io", "load"),
+    "load_with_tokenizer": ("lowbit.io", "load_with_tokenizer"),
+    "Recipe": ("lowbit.recipe", "Recipe"),
+    "WeightQuant": ("lowbit.recipe", "WeightQuant"),
+    "PRESETS": ("lowbit.recipe", "PRESETS"),
+    "QuantLinear": ("lowbit.nn", "QuantLinear"),
+    "data": ("lowbit.data", None),
+    "eval": ("lowbit.eval", None),
+    "nn": ("lowbit.nn", None),
+    "io": ("lowbit.io", None),
+    "models": ("lowbit.models", None),
+    "recipe": ("lowbit.recipe", None),
+}
+
+
+def __getattr__(name: str):
+    """Import the torch-based parts of the API on first use (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
 
 
 def set_num_threads(n: int) -> None:
@@ -60,4 +102,5 @@ __all__ = [
     "unpack_ternary",
     "set_num_threads",
     "get_num_threads",
+    *_LAZY,
 ]

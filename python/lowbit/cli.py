@@ -1,0 +1,288 @@
+"""``lowbit`` command line: quantize, evaluate and inspect models.
+
+    lowbit quantize --model bundled --recipe w4-gptq --out OUT_DIR
+    lowbit eval ppl OUT_DIR
+    lowbit inspect OUT_DIR
+    lowbit presets
+
+A user mistake (unknown recipe, unsupported model, bad bits, existing output folder, corrupt
+checkpoint) prints one line ``lowbit: error: …`` and exits with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _linear_bits(model) -> tuple[float, int, int]:
+    """(bits per weight over the quantized linears, their packed bytes, their weight count)."""
+    from .nn import QuantLinear
+
+    bits = 0.0
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            n = m.in_features * m.out_features
+            bits += m.bits_per_weight() * n
+            count += n
+    return (bits / count if count else 0.0), int(bits / 8), count
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _threads(n: Optional[int]) -> None:
+    if n:
+        import torch
+
+        import lowbit
+
+        torch.set_num_threads(n)
+        lowbit.set_num_threads(n)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import data, eval as leval, io
+    from .driver import quantize
+    from .models import load_model
+    from .recipe import resolve
+    from dataclasses import replace
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise _UserError(f"--out: {out} already exists; pass --overwrite to replace it")
+    recipe = resolve(args.recipe, bits=args.bits, method=args.method, sym=args.sym)
+    if args.group is not None:
+        recipe = type(recipe)(tuple(replace(s, group_size=args.group or None) for s in recipe.steps), recipe.name)
+    _threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    rows = [["", "value"]]
+    fp_ppl = q_ppl = None
+    eval_ids = data.evaluation(tok, n_tokens=args.eval_tokens) if not args.no_eval else None
+    if eval_ids is not None:
+        fp_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
+    calib = None
+    if recipe.weight is not None and recipe.weight.needs_hessian:
+        calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=args.seed)
+    tq = time.perf_counter()
+    quantize(model, recipe, calib, progress=not args.quiet)
+    t_quant = time.perf_counter() - tq
+    report = model.lowbit_report
+    if eval_ids is not None:
+        q_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
+    qconfig = {
+        "recipe": recipe.to_list(),
+        "recipe_name": recipe.name,
+        "stats": _stats(report, fp_ppl, q_ppl, args),
+    }
+    io.save(model, out, quantization_config=qconfig, tokenizer=tok, overwrite=args.overwrite)
+    bpw, lin_bytes, _ = _linear_bits(model)
+    rows += [
+        ["model", str(args.model)],
+        ["recipe", f"{recipe.name or 'custom'}: {recipe.describe()}"],
+        ["FP perplexity", f"{fp_ppl:.2f}" if fp_ppl else "skipped"],
+        ["quantized perplexity", f"{q_ppl:.2f}" if q_ppl else "skipped"],
+        ["ratio", f"{q_ppl / fp_ppl:.3f}×" if fp_ppl and q_ppl else "-"],
+        ["bits/weight (linears, incl. scales)", f"{bpw:.3f}"],
+        ["quantized linears, packed", _fmt_bytes(lin_bytes)],
+        ["size on disk", _fmt_bytes(_dir_bytes(out))],
+        ["load time", f"{t_load:.1f} s"],
+        ["quantization time", f"{t_quant:.1f} s"],
+        *[[f"  {k}", f"{v:.1f} s"] for k, v in report.stage_seconds.items()],
+        ["peak RSS", _fmt_bytes(_peak_rss_bytes())],
+        ["saved to", str(out)],
+    ]
+    print(_table(rows))
+    return 0
+
+
+def _stats(report, fp_ppl, q_ppl, args) -> dict:
+    return {
+        "fp_perplexity": fp_ppl,
+        "perplexity": q_ppl,
+        "eval_tokens": None if args.no_eval else args.eval_tokens,
+        "seqlen": args.seqlen,
+        "calib_samples": args.calib_samples,
+        "seed": args.seed,
+        "stage_seconds": report.stage_seconds,
+        "block_output_error": {str(k): v for k, v in report.block_output_error.items()},
+        "layers": {s.name: s.to_dict() for s in report.layers},
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import data, eval as leval, io
+
+    _threads(args.threads)
+    model, tok = io.load_with_tokenizer(args.dir)
+    ids = data.evaluation(tok, n_tokens=args.eval_tokens)
+    t = time.perf_counter()
+    ppl = leval.perplexity(model, ids, seqlen=args.seqlen, progress=not args.quiet)
+    print(_table([["", "value"], ["checkpoint", str(args.dir)], ["perplexity", f"{ppl:.2f}"],
+                  ["eval tokens", str(ids.shape[1])], ["time", f"{time.perf_counter() - t:.1f} s"]]))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError
+
+    path = Path(args.dir)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"config.json: not found in {path}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"config.json: not valid JSON ({e})") from None
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "lowbit":
+        raise CheckpointError(f"config.json: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'lowbit'")
+    layers = qc.get("layers", {})
+    stats = qc.get("stats", {})
+    lstats = stats.get("layers", {})
+    rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "GPTQ loss"]]
+    for name, meta in layers.items():
+        st = lstats.get(name, {})
+        rows.append([
+            name,
+            str(meta.get("kind", "uniform")),
+            str(meta.get("bits")),
+            str(meta.get("group_size")),
+            str(meta.get("method")),
+            f"{st['bits_per_weight']:.3f}" if st.get("bits_per_weight") is not None else "-",
+            f"{st['rel_weight_error']:.4f}" if st.get("rel_weight_error") is not None else "-",
+            f"{st['loss']:.4g}" if st.get("loss") is not None else "-",
+        ])
+    print(_table(rows))
+    blocks = stats.get("block_output_error", {})
+    if blocks:
+        print()
+        print(_table([["decoder layer", "rel. output error"]] + [[k, f"{v:.4f}"] for k, v in blocks.items()]))
+    summary = [["", "value"], ["checkpoint", str(path)], ["recipe", str(qc.get("recipe_name") or qc.get("recipe"))],
+               ["quantized linears", str(len(layers))], ["size on disk", _fmt_bytes(_dir_bytes(path))]]
+    if stats.get("fp_perplexity"):
+        summary += [["FP perplexity", f"{stats['fp_perplexity']:.2f}"], ["perplexity", f"{stats['perplexity']:.2f}"]]
+    print()
+    print(_table(summary))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .recipe import PRESETS
+
+    print(_table([["preset", "steps"]] + [[k, r.describe()] for k, r in PRESETS.items()]))
+    return 0
+
+
+def _quiet_transformers(verbose: bool) -> None:
+    """lowbit shows its own progress; transformers' loading bars and config warnings are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not verbose:
+        hf_logging.set_verbosity_error()
+
+
+class _UserError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Extremely low-bit quantization of LLMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
+    q.add_argument("--model", required=True, help="'bundled' (SmolLM2-135M-Instruct) or a local HF folder")
+    q.add_argument("--recipe", default="w4-gptq", help="preset name (see `lowbit presets`)")
+    q.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    q.add_argument("--bits", type=int, help="override the weight bits")
+    q.add_argument("--group", type=int, help="override the group size (0 = per channel)")
+    q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
+    q.add_argument("--method", choices=["rtn", "gptq", "ldlq"], help="override the weight method")
+    q.add_argument("--calib-samples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--eval-tokens", type=int, default=16384)
+    q.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--threads", type=int)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = e.add_subparsers(dest="what", required=True)
+    ep = esub.add_parser("ppl", help="perplexity on the evaluation split")
+    ep.add_argument("dir")
+    ep.add_argument("--eval-tokens", type=int, default=16384)
+    ep.add_argument("--seqlen", type=int, default=512)
+    ep.add_argument("--threads", type=int)
+    ep.add_argument("--quiet", action="store_true")
+    ep.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="bits, sizes and per-layer errors of a checkpoint")
+    i.add_argument("dir")
+    i.set_defaults(func=cmd_inspect)
+
+    pr = sub.add_parser("presets", help="list the recipe presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.command in ("quantize", "eval"):
+        _quiet_transformers(args.verbose)
+    from .errors import LowbitError
+
+    try:
+        return args.func(args)
+    except (LowbitError, _UserError) as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

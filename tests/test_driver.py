@@ -1,0 +1,88 @@
+"""lowbit.quantize on tiny random Llama / Qwen2 / Mistral models (structure, save/load, errors)."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError, ShapeError
+from lowbit.models.tiny import tiny_model
+from lowbit.nn import QuantLinear
+
+ARCHS = ["llama", "qwen2", "mistral"]
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _calib(model, n=8, seqlen=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=g)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("recipe", ["w4-gptq", "w4-rtn", "w4-ldlq", "w2-gptq"])
+def test_quantize_save_load_roundtrip(arch, recipe, tmp_path):
+    model = tiny_model(arch, seed=1)
+    ids = _calib(model, n=2, seqlen=24, seed=5)
+    fp = _logits(model, ids)
+    lowbit.quantize(model, recipe, _calib(model), progress=False)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == len(LINEARS) * model.config.num_hidden_layers
+    assert not any(isinstance(m, torch.nn.Linear) and not isinstance(m, QuantLinear)
+                   for n, m in model.named_modules() if ".layers." in n)
+    q = _logits(model, ids)
+    assert torch.isfinite(q).all()
+    assert not torch.equal(q, fp)
+    report = model.lowbit_report
+    assert len(report.layers) == len(quantized)
+    assert all(0 <= s.rel_weight_error < 1 for s in report.layers)
+
+    lowbit.save(model, tmp_path / "ckpt", quantization_config={"recipe": model.lowbit_recipe.to_list()})
+    loaded = lowbit.load(tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded, ids), q)
+
+
+def test_gptq_beats_rtn_on_logits():
+    ref = tiny_model("llama", seed=3)
+    calib = _calib(ref, n=16, seqlen=64)
+    want = _logits(ref, calib)
+    errs = {}
+    for recipe in ["w3-rtn", "w3-gptq"]:
+        model = lowbit.quantize(tiny_model("llama", seed=3), recipe, calib, progress=False, group_size=32)
+        errs[recipe] = float((_logits(model, calib) - want).norm() / want.norm())
+    assert errs["w3-gptq"] < errs["w3-rtn"], errs
+
+
+def test_overrides_and_presets():
+    model = tiny_model("llama")
+    lowbit.quantize(model, "w4-rtn", progress=False, bits=3, group_size=16, sym=True)
+    ql = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    assert ql.bits == 3 and ql.group_size == 16
+    assert model.lowbit_recipe.weight.sym
+
+
+def test_gptq_needs_calibration():
+    with pytest.raises(ShapeError, match="calib"):
+        lowbit.quantize(tiny_model("llama"), "w4-gptq", None, progress=False)
+    with pytest.raises(ShapeError, match="calib"):
+        lowbit.quantize(tiny_model("llama"), "w4-gptq", torch.zeros(2, 8), progress=False)
+
+
+def test_bad_recipes_are_typed_errors():
+    from lowbit.recipe import UnknownRecipeError
+
+    with pytest.raises(UnknownRecipeError, match="w9-magic"):
+        lowbit.quantize(tiny_model("llama"), "w9-magic", progress=False)
+    with pytest.raises(lowbit.UnsupportedSizeError, match="bits"):
+        lowbit.quantize(tiny_model("llama"), "w4-rtn", progress=False, bits=5)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
+    with pytest.raises(LowbitError, match="gpt2"):
+        lowbit.quantize(model, "w4-rtn", progress=False)
