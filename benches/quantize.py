@@ -24,6 +24,7 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -40,7 +41,10 @@ def main() -> int:
     t_load = time.perf_counter() - t0
     calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0)
     t1 = time.perf_counter()
-    lowbit.quantize(model, args.recipe, calib, progress=False)
+    from lowbit.driver import fast_calib_dtype
+
+    calib_dtype = fast_calib_dtype() if args.calib_dtype == "auto" else getattr(torch, args.calib_dtype)
+    lowbit.quantize(model, args.recipe, calib, progress=False, calib_dtype=calib_dtype)
     total = time.perf_counter() - t1
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stages = dict(model.lowbit_report.stage_seconds)
@@ -55,7 +59,8 @@ def main() -> int:
     w = max(len(r[0]) for r in rows)
     head = (
         f"{args.recipe} on SmolLM2-135M, {args.calib_samples}×{args.seqlen} calibration tokens, "
-        f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}"
+        f"{args.threads} threads, calibration passes in {calib_dtype or 'float32'}, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     )
     lines = [head, ""] + [f"{a.ljust(w)}  {b.rjust(8)}" for a, b in rows] + [""]
     lines += [f"{k}: {'pass' if ok else 'short'}" for k, ok in targets.items()]

@@ -24,6 +24,7 @@ import socket
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -176,6 +177,60 @@ def randn_aligned(rng: np.random.Generator, shape) -> np.ndarray:
     x = aligned_empty(shape, np.float32)
     rng.standard_normal(out=x.reshape(-1), dtype=np.float32)
     return x
+
+
+class ParallelCopy:
+    """`np.copyto(dst, src)` split by rows over k Python threads (the caller's plus k-1 pool workers).
+    numpy releases the GIL inside copyto, so the pieces run concurrently: the memcpy ceiling at k threads."""
+
+    def __init__(self, k: int):
+        self.k = max(1, int(k))
+        self.pool = ThreadPoolExecutor(self.k - 1) if self.k > 1 else None
+
+    def __call__(self, dst: np.ndarray, src: np.ndarray) -> None:
+        if self.pool is None or src.shape[0] < self.k:
+            np.copyto(dst, src)
+            return
+        cuts = [src.shape[0] * i // self.k for i in range(self.k + 1)]
+        futs = [self.pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+        np.copyto(dst[: cuts[1]], src[: cuts[1]])
+        for f in futs:
+            f.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def copy_thread_probe(k: int) -> Optional[float]:
+    """Throughput of k Python threads each running np.copyto on its own in-cache buffer (512 KB), relative
+    to one thread: ~k when numpy releases the GIL and the cores are really there, ~1 when not."""
+    if k < 2:
+        return None
+    import threading
+
+    reps = 1000
+    bufs = [(np.ones(1 << 17, np.float32), np.empty(1 << 17, np.float32)) for _ in range(k)]
+
+    def loop(i: int) -> None:
+        s, d = bufs[i]
+        for _ in range(reps):
+            np.copyto(d, s)
+
+    def run(m: int) -> float:
+        ths = [threading.Thread(target=loop, args=(i,)) for i in range(1, m)]
+        t0 = time.perf_counter()
+        for th in ths:
+            th.start()
+        loop(0)
+        for th in ths:
+            th.join()
+        return time.perf_counter() - t0
+
+    loop(0)
+    one = min(run(1) for _ in range(3))
+    many = min(run(k) for _ in range(3))
+    return k * one / many
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,13 +489,14 @@ def machine_info(args, call_overhead_s: float) -> dict:
         "lowbit_default_threads": DEFAULT_LOWBIT_THREADS,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "scipy": _version("scipy"),
-        "gguf": _version("gguf"),
-        "ffht-unofficial": _version("ffht-unofficial"),
+        "scipy": _version("scipy") if scipy_linalg is not None else None,
+        "gguf": _version("gguf") if gguf_quants is not None else None,
+        "ffht-unofficial": _version("ffht-unofficial") if ffht is not None else None,
         "lowbit": getattr(lowbit, "__version__", None),
         "blas_thread_control": bool(_BLAS_SETTERS),
         "lowbit_call_overhead_s": call_overhead_s,
         "parallel_speedup_probe": PARALLEL_PROBE,
+        "copyto_thread_probe": COPY_PROBE,
         "quick": args.quick,
     }
 
@@ -457,11 +513,17 @@ def machine_header(m: dict) -> str:
                 "of one (best of 3; ~1 means the multi-thread rows cannot scale on this machine)"
                 if m.get("parallel_speedup_probe")
                 else ""
+            )
+            + (
+                f"\nnp.copyto in {thr['batch'][-1]} Python threads (in-cache buffers): {m['copyto_thread_probe']:.2f}× the "
+                "throughput of one thread (numpy releases the GIL; this is how the multi-thread memcpy peer runs)"
+                if m.get("copyto_thread_probe")
+                else ""
             ),
             f"python {m['python']}, numpy {m['numpy']}, scipy {m['scipy'] or 'not installed'}, "
             f"gguf {m['gguf'] or 'not installed'}, ffht-unofficial {m['ffht-unofficial'] or 'not installed'}, "
             f"lowbit {m['lowbit']}",
-            f"lowbit._core.hadamard_f32 call overhead (1×16 input): {fmt_time(m['lowbit_call_overhead_s'])} "
+            f"lowbit._core.hadamard_f32 call overhead (1×16 input, out=): {fmt_time(m['lowbit_call_overhead_s'])} "
             "(included in per-vector times, divided by the batch rows)",
         ]
     )
@@ -508,7 +570,19 @@ def scipy_h(n: int) -> np.ndarray:
 
 
 def lb_h(x: np.ndarray) -> np.ndarray:
+    """New output array (allocated by numpy on each call: fresh pages the kernel must zero on first touch)."""
     return _core.hadamard_f32(x, True, False, False, None)
+
+
+def lb_h_out(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Into a preallocated, reused output array."""
+    return _core.hadamard_f32(x, True, False, False, None, out)
+
+
+def lb_h_inplace(x: np.ndarray) -> None:
+    """In place. Normalised transforms are orthonormal, so repeating them on one buffer keeps values bounded
+    (for powers of two H·H = I: the buffer alternates between two states)."""
+    _core.hadamard_inplace_f32(x, True, False, False, None)
 
 
 def is_pow2(n: int) -> bool:
@@ -541,6 +615,15 @@ def verify_hadamard_peers(rng) -> dict[str, Optional[str]]:
         y = x.copy()
         ffht.fht_(y, 1)
         res["ffht"] = None if _close(y / np.float32(math.sqrt(n)), ref) else "MISMATCH"
+    # lowbit's in-place and out= entry points give the same numbers as the allocating one
+    for m in (256, 576, 5504):
+        xm = randn_aligned(rng, (3, m))
+        ref_m = lb_h(xm)
+        ym = xm.copy()
+        lb_h_inplace(ym)
+        om = aligned_empty(xm.shape, np.float32)
+        if not (_close(ym, ref_m) and lb_h_out(xm, om) is om and _close(om, ref_m)):
+            raise SystemExit(f"lowbit.hadamard n={m}: in-place / out= results differ from the allocating call")
     # lowbit itself on a non-power-of-two size: orthonormal, so the norm is kept and H H^T = I
     for m in (576, 5504):
         xm = randn_aligned(rng, (4, m))
@@ -563,14 +646,15 @@ def bench_hadamard(args, timer: Timer, rng, groups: list[Group]) -> None:
     lowbit.set_num_threads(1)
     set_blas_threads(1)
 
-    # ---- (a) one vector: a small batch (≤ 32 KB) per call, time / rows -----------------------------
+    # ---- (a) one vector: a small batch (≤ 32 KB) per call, time / rows, into a reused out= buffer ----
     per_vec: dict[int, float] = {}
 
     def lowbit_vec(n: int) -> float:
         if n not in per_vec:
             b = vec_rows(n)
             x = randn_aligned(rng, (b, n))
-            per_vec[n] = timer(lambda: lb_h(x)) / b
+            o = aligned_empty(x.shape, np.float32)
+            per_vec[n] = timer(lambda: lb_h_out(x, o)) / b
         return per_vec[n]
 
     for n in sizes:
@@ -610,13 +694,15 @@ def bench_hadamard(args, timer: Timer, rng, groups: list[Group]) -> None:
             g.peer(f"lowbit n={p2} (next 2^k)", t2, target=("≤2× next 2^k", ok))
         groups.append(g)
 
-    # ---- (a') the same per-vector time from a 64-row call (allocation / threading path) -------------
+    # ---- (a') the same per-vector time from a 64-row call (batch path), out= and a new array ---------
     for n in sizes:
         b = 64
         x = randn_aligned(rng, (b, n))
-        t = timer(lambda: lb_h(x)) / b
-        g = Group("hadamard", "FWHT fp32, 64-row call", f"n={n} (64 rows/call)", n, b, 1, "vec", t, n, 8 * n)
-        g.peer(f"lowbit, {vec_rows(n)} row{'s' if vec_rows(n) > 1 else ''}/call", per_vec[n])
+        o = aligned_empty(x.shape, np.float32)
+        t = timer(lambda: lb_h_out(x, o)) / b
+        g = Group("hadamard", "FWHT fp32, 64-row call, out=", f"n={n} (64 rows/call)", n, b, 1, "vec", t, n, 8 * n)
+        g.peer(f"lowbit, {vec_rows(n)} row{'s' if vec_rows(n) > 1 else ''}/call, out=", per_vec[n])
+        g.peer("lowbit, 64 rows/call, new array", timer(lambda: lb_h(x)) / b)
         if is_pow2(n) and not peer_ok["ffht"]:
             y = aligned_empty(x.shape, np.float32)
             safe = max(1, int(240 / math.log2(n)) - 1)
@@ -624,61 +710,94 @@ def bench_hadamard(args, timer: Timer, rng, groups: list[Group]) -> None:
         groups.append(g)
     _H_CACHE.clear()
 
-    # ---- (b) large batch -----------------------------------------------------------------------------
+    # ---- (b) large batch: in place (the main row), into a reused out= buffer, into a new array ----------
     total = (64 if args.quick else 256) << 20
     thread_counts = [1] + ([args.threads] if args.threads > 1 else [])
-    for n in sizes:
-        rows = max(1, total // (4 * n))
-        x = randn_aligned(rng, (rows, n))
-        mb = rows * n * 4 / 2**20
-        size = f"n={n} ×{rows} ({mb:.0f} MB)"
-        dst = aligned_empty(x.shape, np.float32)
-        t_memcpy = timer(lambda: np.copyto(dst, x))
-        t_copy = timer(lambda: x.copy())
-        if is_pow2(n) and peer_ok["numpy"] is None:
-            bufs = (np.empty_like(x), np.empty_like(x))
-            t_np = timer(lambda: np_fwht(x, bufs), samples=3)
-            del bufs
-        else:
-            t_np = None
-        sub_rows = max(1, min(rows, int(scipy_flops / (2.0 * n * n))))
-        for thr in thread_counts:
-            lowbit.set_num_threads(thr)
-            t = timer(lambda: lb_h(x))
-            print(f"  FWHT batch n={n} thr={thr}: {fmt_time(t)} ({2 * x.nbytes / t / 1e9:.2f} GB/s)", file=sys.stderr)
-            g = Group("hadamard", f"FWHT fp32, batch {thr} thr", size, n, rows, thr, "call", t, rows * n, 2 * x.nbytes)
-            pct = t_memcpy / t
-            tgt = (f"≥80% memcpy ({pct:.0%})", pct >= 0.8) if thr >= 2 else None
-            g.peer("memcpy np.copyto (1 thr)", t_memcpy, target=tgt)
-            g.peer("np.copy (new array, 1 thr)", t_copy)
-            if is_pow2(n):
-                if peer_ok["ffht"]:
-                    g.peer(f"ffht.fht_ (in place, {thr} thr)", status=peer_ok["ffht"])
-                else:
-                    y = dst  # reuse the memcpy buffer
-                    safe = max(1, int(240 / math.log2(n)) - 1)
-                    tf = timer(lambda: ffht.fht_(y, thr), setup=lambda: np.copyto(y, x), max_inner=safe)
-                    g.peer(f"ffht.fht_ (in place, {thr} thr)", tf)
-                if thr == 1:
-                    if t_np is not None:
-                        g.peer("numpy butterfly", t_np)
+    copiers = {k: ParallelCopy(k) for k in thread_counts}
+
+    def memcpy_name(k: int) -> str:
+        if k == 1:
+            return "memcpy np.copyto (1 thr)"
+        return f"memcpy np.copyto ({k} Python threads)"  # each copies 1/k of the rows
+
+    try:
+        for n in sizes:
+            rows = max(1, total // (4 * n))
+            x = randn_aligned(rng, (rows, n))
+            mb = rows * n * 4 / 2**20
+            size = f"n={n} ×{rows} ({mb:.0f} MB)"
+            y = aligned_empty(x.shape, np.float32)  # memcpy target, then lowbit's in-place / out= buffer
+            np.copyto(y, x)
+            t_memcpy: dict[int, float] = {}
+            t_copy = timer(lambda: x.copy())
+            if is_pow2(n) and peer_ok["numpy"] is None:
+                bufs = (np.empty_like(x), np.empty_like(x))
+                t_np = timer(lambda: np_fwht(x, bufs), samples=3)
+                del bufs
+            else:
+                t_np = None
+            sub_rows = max(1, min(rows, int(scipy_flops / (2.0 * n * n))))
+            for thr in thread_counts:
+                lowbit.set_num_threads(thr)
+                # memcpy at this thread count, timed right before lowbit so both see the same machine state
+                t_memcpy[thr] = timer(lambda: copiers[thr](y, x))
+                np.copyto(y, x)
+                t_in = timer(lambda: lb_h_inplace(y))
+                t_out = timer(lambda: lb_h_out(x, y))
+                t_new = timer(lambda: lb_h(x))
+                gb = 2 * x.nbytes / 1e9
+                print(
+                    f"  FWHT batch n={n} thr={thr}: in place {fmt_time(t_in)} ({gb / t_in:.2f} GB/s), "
+                    f"out= {fmt_time(t_out)} ({gb / t_out:.2f} GB/s), new array {fmt_time(t_new)} ({gb / t_new:.2f} GB/s); "
+                    f"memcpy {thr} thr {fmt_time(t_memcpy[thr])} ({gb / t_memcpy[thr]:.2f} GB/s)",
+                    file=sys.stderr,
+                )
+                op = f"FWHT fp32, batch {thr} thr"
+                args_g = (size, n, rows, thr, "call")
+                g = Group("hadamard", f"{op}, in place", *args_g, t_in, rows * n, 2 * x.nbytes)
+                pct = t_memcpy[thr] / t_in
+                tgt = (f"≥80% memcpy {thr} thr ({pct:.0%})", pct >= 0.8) if thr >= 2 else None
+                g.peer(memcpy_name(thr), t_memcpy[thr], target=tgt)
+                if thr > 1:
+                    g.peer(memcpy_name(1), t_memcpy[1])
+                if is_pow2(n):
+                    if peer_ok["ffht"]:
+                        g.peer(f"ffht.fht_ (in place, {thr} thr)", status=peer_ok["ffht"])
                     else:
-                        g.peer("numpy butterfly", status=peer_ok["numpy"])
-                if n <= scipy_max_vec:
-                    if peer_ok["scipy"]:
-                        g.peer("scipy hadamard x@H", status=peer_ok["scipy"])
-                    else:
-                        have = set_blas_threads(thr)
-                        h = scipy_h(n)
-                        xs = x[:sub_rows]
-                        ts = timer(lambda: xs @ h, samples=3) * rows / sub_rows
-                        note = f"BLAS {thr if have else '?'} thr, timed on {sub_rows} rows, scaled"
-                        g.peer("scipy hadamard x@H", ts, note=note)
-                        set_blas_threads(1)
-            groups.append(g)
-        lowbit.set_num_threads(1)
-        del x, dst
-        gc.collect()
+                        safe = max(1, int(240 / math.log2(n)) - 1)
+                        tf = timer(lambda: ffht.fht_(y, thr), setup=lambda: np.copyto(y, x), max_inner=safe)
+                        g.peer(f"ffht.fht_ (in place, {thr} thr)", tf)
+                    if thr == 1:
+                        if t_np is not None:
+                            g.peer("numpy butterfly", t_np)
+                        else:
+                            g.peer("numpy butterfly", status=peer_ok["numpy"])
+                    if n <= scipy_max_vec:
+                        if peer_ok["scipy"]:
+                            g.peer("scipy hadamard x@H", status=peer_ok["scipy"])
+                        else:
+                            have = set_blas_threads(thr)
+                            h = scipy_h(n)
+                            xs = x[:sub_rows]
+                            ts = timer(lambda: xs @ h, samples=3) * rows / sub_rows
+                            note = f"BLAS {thr if have else '?'} thr, timed on {sub_rows} rows, scaled"
+                            g.peer("scipy hadamard x@H", ts, note=note)
+                            set_blas_threads(1)
+                groups.append(g)
+                g = Group("hadamard", f"{op}, out=", *args_g, t_out, rows * n, 2 * x.nbytes)
+                g.peer(memcpy_name(thr), t_memcpy[thr])
+                g.peer(f"lowbit in place ({thr} thr)", t_in)
+                groups.append(g)
+                g = Group("hadamard", f"{op}, new array", *args_g, t_new, rows * n, 2 * x.nbytes)
+                g.peer("np.copy (new array, 1 thr)", t_copy)
+                g.peer(f"lowbit out= ({thr} thr)", t_out)
+                groups.append(g)
+            lowbit.set_num_threads(1)
+            del x, y
+            gc.collect()
+    finally:
+        for c in copiers.values():
+            c.close()
     _H_CACHE.clear()
 
 
@@ -692,14 +811,24 @@ def np_pack2(c: np.ndarray) -> np.ndarray:
     return c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)
 
 
-def np_unpack2(p: np.ndarray, n: int) -> np.ndarray:
+# The numpy unpack peers take the same courtesy as lowbit's out= rows: `out` (the (rows, n) result) and the
+# scratch arrays may be preallocated and reused; left as None they are allocated on each call (new array).
+
+
+def np_unpack2(p: np.ndarray, n: int, out: Optional[np.ndarray] = None, tmp: Optional[np.ndarray] = None) -> np.ndarray:
     r = p.shape[0]
-    out = np.empty((r, n // 4, 4), dtype=np.uint8)
-    np.bitwise_and(p, 3, out=out[..., 0])
-    np.bitwise_and(p >> 2, 3, out=out[..., 1])
-    np.bitwise_and(p >> 4, 3, out=out[..., 2])
-    np.right_shift(p, 6, out=out[..., 3])
-    return out.reshape(r, n)
+    if out is None:
+        out = np.empty((r, n), dtype=np.uint8)
+    if tmp is None:
+        tmp = np.empty_like(p)
+    o = out.reshape(r, n // 4, 4)
+    np.bitwise_and(p, 3, out=o[..., 0])
+    np.right_shift(p, 2, out=tmp)
+    np.bitwise_and(tmp, 3, out=o[..., 1])
+    np.right_shift(p, 4, out=tmp)
+    np.bitwise_and(tmp, 3, out=o[..., 2])
+    np.right_shift(p, 6, out=o[..., 3])
+    return out
 
 
 def np_pack4(c: np.ndarray) -> np.ndarray:
@@ -708,12 +837,14 @@ def np_pack4(c: np.ndarray) -> np.ndarray:
     return c2[..., 0] | (c2[..., 1] << 4)
 
 
-def np_unpack4(p: np.ndarray, n: int) -> np.ndarray:
+def np_unpack4(p: np.ndarray, n: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     r = p.shape[0]
-    out = np.empty((r, n // 2, 2), dtype=np.uint8)
-    np.bitwise_and(p, 15, out=out[..., 0])
-    np.right_shift(p, 4, out=out[..., 1])
-    return out.reshape(r, n)
+    if out is None:
+        out = np.empty((r, n), dtype=np.uint8)
+    o = out.reshape(r, n // 2, 2)
+    np.bitwise_and(p, 15, out=o[..., 0])
+    np.right_shift(p, 4, out=o[..., 1])
+    return out
 
 
 def np_pack1(c: np.ndarray) -> np.ndarray:
@@ -721,16 +852,16 @@ def np_pack1(c: np.ndarray) -> np.ndarray:
 
 
 def np_unpack1(p: np.ndarray, n: int) -> np.ndarray:
-    return np.unpackbits(p, axis=-1, count=n, bitorder="little")
+    return np.unpackbits(p, axis=-1, count=n, bitorder="little")  # no out= in numpy
 
 
 def np_pack_t2(v: np.ndarray) -> np.ndarray:
     return np_pack2(v.view(np.uint8) + np.uint8(1))
 
 
-def np_unpack_t2(p: np.ndarray, n: int) -> np.ndarray:
-    u = np_unpack2(p, n)
-    u -= np.uint8(1)
+def np_unpack_t2(p: np.ndarray, n: int, out: Optional[np.ndarray] = None, tmp: Optional[np.ndarray] = None) -> np.ndarray:
+    u = np_unpack2(p, n, None if out is None else out.view(np.uint8), tmp)
+    np.subtract(u, np.uint8(1), out=u)
     return u.view(np.int8)
 
 
@@ -742,14 +873,27 @@ def np_pack_t3(v: np.ndarray) -> np.ndarray:
     return ((q * 256 + 242) // 243).astype(np.uint8)
 
 
-def np_unpack_t3(p: np.ndarray, n: int) -> np.ndarray:
+def np_unpack_t3(
+    p: np.ndarray,
+    n: int,
+    out: Optional[np.ndarray] = None,
+    tmp8: Optional[np.ndarray] = None,
+    tmp16: Optional[np.ndarray] = None,
+) -> np.ndarray:
     r = p.shape[0]
-    out = np.empty((r, n // 5, 5), dtype=np.uint8)
+    if out is None:
+        out = np.empty((r, n), dtype=np.int8)
+    if tmp8 is None:
+        tmp8 = np.empty_like(p)
+    if tmp16 is None:
+        tmp16 = np.empty(p.shape, dtype=np.uint16)
+    o = out.view(np.uint8).reshape(r, n // 5, 5)
     for j, m in enumerate((1, 3, 9, 27, 81)):
-        q = (p * np.uint8(m)).astype(np.uint16)  # byte·3^j mod 256
-        np.right_shift(q * 3, 8, out=out[..., j], casting="unsafe")
-    out -= np.uint8(1)
-    return out.reshape(r, n).view(np.int8)
+        src = p if m == 1 else np.multiply(p, np.uint8(m), out=tmp8)  # byte·3^j mod 256
+        np.multiply(src, np.uint16(3), out=tmp16)
+        np.right_shift(tmp16, 8, out=o[..., j], casting="unsafe")
+    np.subtract(o, np.uint8(1), out=o)
+    return out
 
 
 def bench_pack(args, timer: Timer, rng, groups: list[Group]) -> None:
@@ -760,20 +904,34 @@ def bench_pack(args, timer: Timer, rng, groups: list[Group]) -> None:
     ne = rows * n
     size = f"{ne / 2**20:.0f} M codes ({rows}×{n})"
 
-    # -- verification on a small input (also checks lowbit against the numpy reference layouts)
+    # -- verification on a small input (also checks lowbit against the numpy reference layouts, and the
+    #    numpy peers' out= forms against their allocating forms)
     def small(bits):
         return rng.integers(0, 1 << bits, size=(3, 40), dtype=np.uint8)
 
     bad: dict[str, str] = {}
-    for bits, pk, upk in ((1, np_pack1, np_unpack1), (2, np_pack2, np_unpack2), (4, np_pack4, np_unpack4)):
+    Fn = Callable[..., np.ndarray]
+    bit_fns: list[tuple[int, Fn, Fn]] = [(1, np_pack1, np_unpack1), (2, np_pack2, np_unpack2), (4, np_pack4, np_unpack4)]
+    for bits, pk, upk in bit_fns:
         c = small(bits)
         p = pk(c)
-        if not (np.array_equal(upk(p, c.shape[1]), c) and np.array_equal(p, _core.pack(c, bits))):
+        ok = np.array_equal(upk(p, c.shape[1]), c) and np.array_equal(p, _core.pack(c, bits))
+        if bits > 1:
+            o = np.full(c.shape, 0xAA, np.uint8)
+            ok = ok and upk(p, c.shape[1], o) is o and np.array_equal(o, c)
+        if not ok:
             bad[f"np{bits}"] = "MISMATCH"
     tv = rng.integers(-1, 2, size=(3, 40), dtype=np.int8)
-    for form, pk, upk in (("base3", np_pack_t3, np_unpack_t3), ("2bit", np_pack_t2, np_unpack_t2)):
+    tern_fns: list[tuple[str, Fn, Fn]] = [("base3", np_pack_t3, np_unpack_t3), ("2bit", np_pack_t2, np_unpack_t2)]
+    for form, pk, upk in tern_fns:
         p = pk(tv)
-        if not (np.array_equal(upk(p, 40), tv) and np.array_equal(p, _core.pack_ternary(tv, form))):
+        o = np.full(tv.shape, 77, np.int8)
+        if not (
+            np.array_equal(upk(p, 40), tv)
+            and np.array_equal(p, _core.pack_ternary(tv, form))
+            and np.array_equal(upk(p, 40, o), tv)
+            and np.array_equal(o, tv)
+        ):
             bad[f"np-{form}"] = "MISMATCH"
     gguf_types = {"base3": "TQ1_0", "2bit": "TQ2_0"}
     if gguf_quants is None:
@@ -788,6 +946,7 @@ def bench_pack(args, timer: Timer, rng, groups: list[Group]) -> None:
                 bad[f"gguf-{f}"] = "MISMATCH"
 
     def add(op, lowbit_fn, in_bytes, out_bytes, peers, unpack_target=False):
+        """peers: (name, key in `bad` or None, fn, target factor or None); key None = lowbit itself."""
         t = timer(lowbit_fn)
         print(f"  {op}: {fmt_time(t)} ({ne / t / 1e9:.2f} G elem/s)", file=sys.stderr)
         g = Group("pack", op, size, n, rows, 1, "call", t, ne, in_bytes + out_bytes)
@@ -804,32 +963,51 @@ def bench_pack(args, timer: Timer, rng, groups: list[Group]) -> None:
             g.peer(name, tp, target=tgt)
         groups.append(g)
 
-    for bits, pk, upk, pname, uname in (
+    ub = np.empty((rows, n), dtype=np.uint8)  # the reused out= buffer of every unpack row (lowbit and numpy)
+    bit_rows: list[tuple[int, Fn, Fn, str, str]] = [
         (1, np_pack1, np_unpack1, "np.packbits little", "np.unpackbits little"),
         (2, np_pack2, np_unpack2, "numpy shift-or", "numpy shift-mask"),
         (4, np_pack4, np_unpack4, "numpy shift-or", "numpy shift-mask"),
-    ):
+    ]
+    for bits, pk, upk, pname, uname in bit_rows:
         codes = rng.integers(0, 1 << bits, size=(rows, n), dtype=np.uint8)
         packed = _core.pack(codes, bits)
+        if not (_core.unpack(packed, bits, n, ub) is ub and np.array_equal(ub, codes)):
+            raise SystemExit(f"lowbit {bits}-bit round trip (out=) failed")
         if not np.array_equal(_core.unpack(packed, bits, n)[:4], codes[:4]):
             raise SystemExit(f"lowbit {bits}-bit round trip failed")
         pb = packed.nbytes
         add(f"pack {bits}-bit", lambda: _core.pack(codes, bits), ne, pb, [(pname, f"np{bits}", lambda: pk(codes), None)])
+        np_peers: list[tuple[str, Optional[str], Fn, Optional[int]]]
+        if bits == 1:
+            np_peers = [(f"{uname} (new array)", "np1", lambda: upk(packed, n), None)]  # numpy has no out=
+        else:
+            tmp = np.empty_like(packed)
+            np_out = (lambda: upk(packed, n, ub, tmp)) if bits == 2 else (lambda: upk(packed, n, ub))
+            np_peers = [
+                (f"{uname} (out=)", f"np{bits}", np_out, 8),
+                (f"{uname} (new array)", f"np{bits}", lambda: upk(packed, n), None),
+            ]
         add(
-            f"unpack {bits}-bit",
-            lambda: _core.unpack(packed, bits, n),
+            f"unpack {bits}-bit, out=",
+            lambda: _core.unpack(packed, bits, n, ub),
             pb,
             ne,
-            [(uname, f"np{bits}", lambda: upk(packed, n), 8 if bits in (2, 4) else None)],
+            np_peers + [("lowbit (new array)", None, lambda: _core.unpack(packed, bits, n), None)],
             unpack_target=bits in (2, 4),
         )
         del codes, packed
         gc.collect()
 
+    del ub
+    gc.collect()
     vals = rng.integers(-1, 2, size=(rows, n), dtype=np.int8)
     vals_f = vals.astype(np.float32) if gguf_quants is not None else None
-    for form, npk, nupk in (("base3", np_pack_t3, np_unpack_t3), ("2bit", np_pack_t2, np_unpack_t2)):
+    vb = np.empty((rows, n), dtype=np.int8)  # the reused out= buffer of the ternary unpack rows
+    for form, npk, nupk in tern_fns:
         packed = _core.pack_ternary(vals, form)
+        if not (_core.unpack_ternary(packed, n, form, vb) is vb and np.array_equal(vb, vals)):
+            raise SystemExit(f"lowbit ternary {form} round trip (out=) failed")
         if not np.array_equal(_core.unpack_ternary(packed, n, form)[:4], vals[:4]):
             raise SystemExit(f"lowbit ternary {form} round trip failed")
         pb = packed.nbytes
@@ -846,18 +1024,31 @@ def bench_pack(args, timer: Timer, rng, groups: list[Group]) -> None:
                 (f"gguf {qn} quantize (f32 in)", f"gguf-{form}", lambda: gguf_quants.quantize(vals_f, gq), None),
             ],
         )
+        tmp8 = np.empty_like(packed)
+        if form == "base3":
+            tmp16 = np.empty(packed.shape, dtype=np.uint16)
+            np_out = lambda: nupk(packed, n, vb, tmp8, tmp16)  # noqa: E731
+        else:
+            np_out = lambda: nupk(packed, n, vb, tmp8)  # noqa: E731
         add(
-            f"unpack ternary {form}",
-            lambda: _core.unpack_ternary(packed, n, form),
+            f"unpack ternary {form}, out=",
+            lambda: _core.unpack_ternary(packed, n, form, vb),
             pb,
             ne,
             [
-                ("numpy", f"np-{form}", lambda: nupk(packed, n), 8),
-                (f"gguf {qn} dequantize (f32 out)", f"gguf-{form}", lambda: gguf_quants.dequantize(gpacked, gq), 50),
+                ("numpy (out=)", f"np-{form}", np_out, 8),
+                ("numpy (new array)", f"np-{form}", lambda: nupk(packed, n), None),
+                (
+                    f"gguf {qn} dequantize (f32 out, new array)",  # gguf has no out=
+                    f"gguf-{form}",
+                    lambda: gguf_quants.dequantize(gpacked, gq),
+                    50,
+                ),
+                ("lowbit (new array)", None, lambda: _core.unpack_ternary(packed, n, form), None),
             ],
             unpack_target=True,
         )
-        del packed, gpacked
+        del packed, gpacked, tmp8
         gc.collect()
 
 
@@ -873,10 +1064,11 @@ def slug(s: str) -> str:
 
 DEFAULT_LOWBIT_THREADS = 0
 PARALLEL_PROBE: Optional[float] = None
+COPY_PROBE: Optional[float] = None
 
 
 def main(argv=None) -> int:
-    global _BLAS_SETTERS, DEFAULT_LOWBIT_THREADS, PARALLEL_PROBE
+    global _BLAS_SETTERS, DEFAULT_LOWBIT_THREADS, PARALLEL_PROBE, COPY_PROBE
     ap = argparse.ArgumentParser(description="lowbit benchmarks beside their peers (DESIGN.md §6)")
     ap.add_argument("--quick", action="store_true", help="smaller arrays and fewer samples (~1 minute)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the multi-thread batch rows (default: all cores)")
@@ -892,8 +1084,10 @@ def main(argv=None) -> int:
 
     lowbit.set_num_threads(1)
     tiny = randn_aligned(rng, (1, 16))
-    overhead = timer(lambda: lb_h(tiny))
+    tiny_out = aligned_empty(tiny.shape, np.float32)
+    overhead = timer(lambda: lb_h_out(tiny, tiny_out))
     PARALLEL_PROBE = parallel_probe(args.threads)
+    COPY_PROBE = copy_thread_probe(args.threads)
     machine = machine_info(args, overhead)
     print(machine_header(machine), file=sys.stderr)
 
@@ -918,7 +1112,9 @@ def main(argv=None) -> int:
     print_table(rows)
     legend = (
         "ratio = peer time / lowbit time (>1: lowbit faster). GB/s = lowbit bytes read + written / time. "
-        "target: pass/short against DESIGN.md §6."
+        "target: pass/short against DESIGN.md §6. in place / out= / new array: lowbit transforms its input "
+        "buffer / writes a preallocated, reused output / returns a freshly allocated output (whose pages the "
+        "kernel zeroes on first touch)."
     )
     print()
     print(legend)

@@ -86,3 +86,17 @@ def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
     with pytest.raises(LowbitError, match="gpt2"):
         lowbit.quantize(model, "w4-rtn", progress=False)
+
+
+def test_bf16_calibration_passes_keep_fp32_weights_and_quality():
+    ref = tiny_model("qwen2", seed=4)
+    calib = _calib(ref, n=8, seqlen=48)
+    want = _logits(ref, calib)
+    out = {}
+    for dt in [None, torch.bfloat16]:
+        model = lowbit.quantize(tiny_model("qwen2", seed=4), "w4-gptq", calib, progress=False, calib_dtype=dt)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert next(m for m in model.modules() if isinstance(m, QuantLinear)).scales.dtype == torch.float16
+        out[dt] = float((_logits(model, calib) - want).norm() / want.norm())
+    # bf16 passes perturb the Hessians a little, not the result's quality.
+    assert out[torch.bfloat16] < 1.5 * out[None] + 1e-3, out

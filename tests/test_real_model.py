@@ -12,6 +12,7 @@ import torch
 
 import lowbit
 from lowbit import data
+from lowbit.driver import fast_calib_dtype
 from lowbit.eval import perplexity
 from lowbit.models import load_model
 
@@ -34,7 +35,7 @@ def bundle():
 
 def _ppl(bundle, recipe):
     model, _, ids, calib, _ = bundle
-    q = lowbit.quantize(copy.deepcopy(model), recipe, calib, progress=False)
+    q = lowbit.quantize(copy.deepcopy(model), recipe, calib, progress=False, calib_dtype=fast_calib_dtype())
     return perplexity(q, ids, seqlen=SEQLEN), q
 
 

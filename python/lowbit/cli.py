@@ -102,8 +102,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = None
     if recipe.weight is not None and recipe.weight.needs_hessian:
         calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=args.seed)
+    from .driver import fast_calib_dtype
+
+    calib_dtype = {"auto": fast_calib_dtype(), "float32": None, "bfloat16": torch.bfloat16}[args.calib_dtype]
     tq = time.perf_counter()
-    quantize(model, recipe, calib, progress=not args.quiet)
+    quantize(model, recipe, calib, progress=not args.quiet, calib_dtype=calib_dtype)
     t_quant = time.perf_counter() - tq
     report = model.lowbit_report
     if eval_ids is not None:
@@ -142,6 +145,7 @@ def _stats(report, fp_ppl, q_ppl, args) -> dict:
         "seqlen": args.seqlen,
         "calib_samples": args.calib_samples,
         "seed": args.seed,
+        "calib_dtype": args.calib_dtype,
         "stage_seconds": report.stage_seconds,
         "block_output_error": {str(k): v for k, v in report.block_output_error.items()},
         "layers": {s.name: s.to_dict() for s in report.layers},
@@ -241,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--calib-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the calibration forward passes (auto: bfloat16 where the CPU has it natively)")
     q.add_argument("--eval-tokens", type=int, default=16384)
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     q.add_argument("--overwrite", action="store_true")

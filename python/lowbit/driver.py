@@ -284,6 +284,18 @@ def quantize(
     return model
 
 
+def fast_calib_dtype() -> Optional[torch.dtype]:
+    """``torch.bfloat16`` where the CPU multiplies bf16 natively (AMX / AVX-512-BF16), else ``None``.
+
+    The CLI uses it for the calibration passes: ~3× faster there, Hessians still accumulated in
+    fp32/fp64 and the weights quantized from their fp32 copy.
+    """
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _runner(layer: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
     """The module the calibration passes run: the layer itself, or a copy cast to ``dtype``."""
     if dtype is None or all(p.dtype == dtype for p in layer.parameters()):

@@ -23,6 +23,8 @@ pub trait Real:
     /// if there is such a kernel for this type and CPU; returns the first stage still to do
     /// (1 = none done; never more than `p`).
     fn fwht_head(x: &mut [Self], p: usize) -> usize;
+    /// The ±1 signs of a base order's mix tables in this float width.
+    fn mix_signs(t: &crate::hadamard::MixTables) -> &[[Self; 4]];
 }
 
 impl Real for f32 {
@@ -44,6 +46,10 @@ impl Real for f32 {
     fn fwht_head(x: &mut [Self], p: usize) -> usize {
         crate::hadamard::fwht_x86::head_f32(x, p)
     }
+    #[inline(always)]
+    fn mix_signs(t: &crate::hadamard::MixTables) -> &[[Self; 4]] {
+        t.signs_f32()
+    }
 }
 
 impl Real for f64 {
@@ -64,5 +70,9 @@ impl Real for f64 {
     #[inline(always)]
     fn fwht_head(_x: &mut [Self], _p: usize) -> usize {
         1
+    }
+    #[inline(always)]
+    fn mix_signs(t: &crate::hadamard::MixTables) -> &[[Self; 4]] {
+        t.signs_f64()
     }
 }

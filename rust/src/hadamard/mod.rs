@@ -11,6 +11,8 @@ pub mod fwht_x86;
 pub mod plan;
 pub mod small;
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -35,6 +37,7 @@ fn mix_w<T: Real, const W: usize>(
     p: usize,
     slot4: &[[u16; 4]],
     sgn4: &[[T; 4]],
+    scale: T,
     scratch: &mut [T],
 ) {
     let groups = k / 4;
@@ -43,7 +46,8 @@ fn mix_w<T: Real, const W: usize>(
             && sgn4.len() == slot4.len()
             && scratch.len() >= mix_scratch(k)
     );
-    assert!(slot4.iter().flatten().all(|&s| (s as usize) < groups * 8));
+    // Slots are < groups·8 by construction (MixTables::build); checked once there, not per call.
+    debug_assert!(slot4.iter().flatten().all(|&s| (s as usize) < groups * 8));
     let (sums, outs) = scratch.split_at_mut(groups * 8 * W);
     let mut j0 = 0;
     while j0 < p {
@@ -85,7 +89,10 @@ fn mix_w<T: Real, const W: usize>(
                 }
             }
             for (r, row) in acc.iter().enumerate() {
-                outs[(4 * blk + r) * W..(4 * blk + r + 1) * W].copy_from_slice(row);
+                let dst = &mut outs[(4 * blk + r) * W..(4 * blk + r + 1) * W];
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = v * scale;
+                }
             }
         }
         for a in 0..k {
@@ -110,47 +117,80 @@ fn mix_body<T: Real>(
     p: usize,
     idx: &[[u16; 4]],
     sgn: &[[T; 4]],
+    scale: T,
     scratch: &mut [T],
 ) {
     match p {
-        1 => mix_w::<T, 1>(x, k, p, idx, sgn, scratch),
-        2 => mix_w::<T, 2>(x, k, p, idx, sgn, scratch),
-        4 => mix_w::<T, 4>(x, k, p, idx, sgn, scratch),
-        8 => mix_w::<T, 8>(x, k, p, idx, sgn, scratch),
-        16 => mix_w::<T, 16>(x, k, p, idx, sgn, scratch),
-        _ => mix_w::<T, MIX_STRIP>(x, k, p, idx, sgn, scratch),
+        1 => mix_w::<T, 1>(x, k, p, idx, sgn, scale, scratch),
+        2 => mix_w::<T, 2>(x, k, p, idx, sgn, scale, scratch),
+        4 => mix_w::<T, 4>(x, k, p, idx, sgn, scale, scratch),
+        8 => mix_w::<T, 8>(x, k, p, idx, sgn, scale, scratch),
+        16 => mix_w::<T, 16>(x, k, p, idx, sgn, scale, scratch),
+        _ => mix_w::<T, MIX_STRIP>(x, k, p, idx, sgn, scale, scratch),
     }
 }
 
 crate::multiversion! {
-    fn mix<T: Real>(x: &mut [T], k: usize, p: usize, idx: &[[u16; 4]], sgn: &[[T; 4]], scratch: &mut [T]) = mix_body;
+    fn mix<T: Real>(x: &mut [T], k: usize, p: usize, idx: &[[u16; 4]], sgn: &[[T; 4]], scale: T, scratch: &mut [T]) = mix_body;
 }
 
-/// The `(slot4, sgn4)` tables of [`mix_w`] for base matrix `h` and output scale `scale`.
-fn mix_tables<T: Real>(h: &small::SignMatrix, scale: f64) -> (Vec<[u16; 4]>, Vec<[T; 4]>) {
-    let k = h.k;
-    let groups = k / 4;
-    let mut slot4 = Vec::with_capacity(groups * groups);
-    let mut sgn4 = Vec::with_capacity(groups * groups);
-    for b in 0..groups {
-        for g in 0..groups {
-            let mut sl = [0u16; 4];
-            let mut sg = [T::ZERO; 4];
-            for r in 0..4 {
-                let a = 4 * b + r;
-                let coef = |i: usize| h.get(4 * g + i, a);
-                let h0 = coef(0);
-                let which = (1..4).fold(0u16, |acc, i| {
-                    acc | (((coef(i) * h0) < 0) as u16) << (i - 1)
-                });
-                sl[r] = 8 * g as u16 + which;
-                sg[r] = T::from_f64(h0 as f64 * scale);
+/// The four-Russians tables of one base order (see [`mix_w`]): which group sum each output row
+/// takes, and its ±1 sign in both float widths. Built once per order and cached.
+pub struct MixTables {
+    slot4: Vec<[u16; 4]>,
+    sgn32: Vec<[f32; 4]>,
+    sgn64: Vec<[f64; 4]>,
+}
+
+impl MixTables {
+    fn build(h: &small::SignMatrix) -> MixTables {
+        let k = h.k;
+        let groups = k / 4;
+        let mut slot4 = Vec::with_capacity(groups * groups);
+        let mut sgn64 = Vec::with_capacity(groups * groups);
+        for b in 0..groups {
+            for g in 0..groups {
+                let mut sl = [0u16; 4];
+                let mut sg = [0.0f64; 4];
+                for r in 0..4 {
+                    let a = 4 * b + r;
+                    let coef = |i: usize| h.get(4 * g + i, a);
+                    let h0 = coef(0);
+                    let which = (1..4).fold(0u16, |acc, i| {
+                        acc | (((coef(i) * h0) < 0) as u16) << (i - 1)
+                    });
+                    sl[r] = 8 * g as u16 + which;
+                    sg[r] = h0 as f64;
+                }
+                slot4.push(sl);
+                sgn64.push(sg);
             }
-            slot4.push(sl);
-            sgn4.push(sg);
+        }
+        // The unchecked reads in `mix_w` rely on this.
+        assert!(slot4.iter().flatten().all(|&s| (s as usize) < groups * 8));
+        let sgn32 = sgn64.iter().map(|s| s.map(|v| v as f32)).collect();
+        MixTables {
+            slot4,
+            sgn32,
+            sgn64,
         }
     }
-    (slot4, sgn4)
+
+    /// The cached tables of base order `k` (`None` if `k` is not a base order).
+    pub fn of(k: usize) -> Option<&'static MixTables> {
+        static CACHE: [OnceLock<MixTables>; 12] = [const { OnceLock::new() }; 12];
+        let idx = BASE_ORDERS.iter().position(|&b| b == k)?;
+        let h = small::base_matrix(k)?;
+        Some(CACHE[idx].get_or_init(|| MixTables::build(h)))
+    }
+
+    pub fn signs_f32(&self) -> &[[f32; 4]] {
+        &self.sgn32
+    }
+
+    pub fn signs_f64(&self) -> &[[f64; 4]] {
+        &self.sgn64
+    }
 }
 
 #[inline(always)]
@@ -170,9 +210,8 @@ struct BlockOp<T> {
     m: u32,
     /// Scale applied to every output of the block.
     scale: T,
-    /// Four-Russians tables of the base matrix (empty for k = 1); see [`mix_w`].
-    idx: Vec<[u16; 4]>,
-    sgn: Vec<[T; 4]>,
+    /// Four-Russians tables of the base matrix (`None` for k = 1); see [`mix_w`].
+    tables: Option<&'static MixTables>,
 }
 
 /// A prepared transform of length `n`: plan, scales and base tables, reusable across calls.
@@ -223,20 +262,16 @@ impl<T: Real> Hadamard<T> {
                 } else {
                     1.0
                 };
-                let (idx, sgn) = match small::base_matrix(b.k) {
-                    None => (Vec::new(), Vec::new()),
-                    Some(h) => {
-                        scratch_len = scratch_len.max(mix_scratch(b.k));
-                        mix_tables(h, scale)
-                    }
-                };
+                let tables = MixTables::of(b.k);
+                if tables.is_some() {
+                    scratch_len = scratch_len.max(mix_scratch(b.k));
+                }
                 BlockOp {
                     offset: b.offset,
                     k: b.k,
                     m: b.m,
                     scale: T::from_f64(scale),
-                    idx,
-                    sgn,
+                    tables,
                 }
             })
             .collect();
@@ -267,7 +302,9 @@ impl<T: Real> Hadamard<T> {
                 if p > 1 {
                     fwht::fwht_blocks(seg, p, T::ONE);
                 }
-                mix(seg, op.k, p, &op.idx, &op.sgn, scratch);
+                if let Some(t) = op.tables {
+                    mix(seg, op.k, p, &t.slot4, T::mix_signs(t), op.scale, scratch);
+                }
             }
         }
     }
