@@ -23,7 +23,7 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("recipe", ["w4-gptq", "w4-rtn", "w4-ldlq", "w2-gptq"])
+@pytest.mark.parametrize("recipe", ["w4-gptq", "w4-rtn", "w4-ldlq", "w2-gptq", "w1.58-gptq"])
 def test_quantize_save_load_roundtrip(arch, recipe, tmp_path):
     model = tiny_model(arch, seed=1)
     ids = _calib(model, n=2, seqlen=24, seed=5)

@@ -1,0 +1,79 @@
+"""Every preset on the bundled SmolLM2-135M: perplexity, bits/weight, quantization time.
+
+    python benches/presets.py [--presets w4-gptq,w3-gptq] [--calib-samples 128] [--eval-tokens 16384]
+
+Evaluation split (tragedies, Hamlet first), FP measured in the same run; calibration passes in
+bfloat16 where the CPU has it natively (as the CLI does). Writes
+``benches/results/<date>-presets.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="w8-rtn,w4-rtn,w3-rtn,w2-rtn,w4-gptq,w4-ldlq,w3-gptq,w2-gptq")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    import lowbit
+    from lowbit import data
+    from lowbit.driver import fast_calib_dtype
+    from lowbit.eval import perplexity
+    from lowbit.models import load_model
+    from lowbit.nn import QuantLinear
+
+    torch.set_num_threads(args.threads)
+    lowbit.set_num_threads(args.threads)
+    model, tok = load_model("bundled")
+    ids = data.evaluation(tok, n_tokens=args.eval_tokens)
+    calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0)
+    fp = perplexity(model, ids, seqlen=args.seqlen)
+    rows = [{"preset": "fp32", "ppl": fp, "ratio": 1.0, "bits": 32.0, "seconds": 0.0}]
+    for name in args.presets.split(","):
+        q = copy.deepcopy(model)
+        t = time.perf_counter()
+        lowbit.quantize(q, name, calib, progress=False, calib_dtype=fast_calib_dtype())
+        secs = time.perf_counter() - t
+        ppl = perplexity(q, ids, seqlen=args.seqlen)
+        bits = n = 0
+        for m in q.modules():
+            if isinstance(m, QuantLinear):
+                k = m.in_features * m.out_features
+                bits += m.bits_per_weight() * k
+                n += k
+        rows.append({"preset": name, "ppl": ppl, "ratio": ppl / fp, "bits": bits / n, "seconds": secs})
+        print(f"{name:10s} ppl {ppl:10.2f}  ×FP {ppl / fp:8.3f}  bits/w {bits / n:.3f}  {secs:6.1f} s", flush=True)
+        del q
+
+    head = (f"SmolLM2-135M-Instruct, {args.eval_tokens} eval tokens (tragedies), seqlen {args.seqlen}, "
+            f"{args.calib_samples}×{args.seqlen} calibration tokens, {args.threads} threads")
+    md = [head, "", "| preset | perplexity | × FP | bits/weight (linears, incl. scales) | quantization time |",
+          "|---|---|---|---|---|"]
+    md += [f"| {r['preset']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['bits']:.3f} | {r['seconds']:.1f} s |" for r in rows]
+    text = "\n".join(md)
+    print(text)
+    if not args.no_write:
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        stem = out / f"{dt.date.today().isoformat()}-presets"
+        stem.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+        stem.with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
