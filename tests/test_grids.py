@@ -18,13 +18,8 @@ from lowbit.grids import BinaryGrid, QuantizedWeight, TernaryGrid, UniformGrid
 from lowbit.methods import rtn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one intra-op thread is faster and immune to a busy machine (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gaussian(rows=96, cols=576, seed=0) -> torch.Tensor:

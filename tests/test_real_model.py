@@ -63,3 +63,20 @@ def test_gptq_w2_far_below_rtn_w2(bundle):
     rtn, _ = _ppl(bundle, "w2-rtn")
     print(f"FP {bundle[4]:.2f}  W2 g32: GPTQ {gptq:.1f}  RTN {rtn:.1f}")
     assert gptq * 10 <= rtn
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    """`lowbit quantize` on the bundled model, then `eval ppl` and `inspect` on what it wrote."""
+    from lowbit.cli import main
+
+    out = tmp_path / "w4"
+    args = ["quantize", "--model", "bundled", "--recipe", "w4-rtn", "--out", str(out), "--eval-tokens", "1024", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for key in ["FP perplexity", "quantized perplexity", "bits/weight", "size on disk", "peak RSS"]:
+        assert key in printed
+    assert main(args) == 2  # the folder exists now: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["eval", "ppl", str(out), "--eval-tokens", "1024", "--quiet"]) == 0
+    assert main(["inspect", str(out)]) == 0
+    assert "model.layers.29.mlp.down_proj" in capsys.readouterr().out

@@ -60,6 +60,17 @@ def _linear_bits(model) -> tuple[float, int, int]:
     return (bits / count if count else 0.0), int(bits / 8), count
 
 
+def _dense_cache(model, on: bool) -> None:
+    """Keep each QuantLinear's dequantized weight while evaluating (speed for memory), or drop it."""
+    from .nn import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_dequantized = on
+            if not on:
+                m.clear_cache()
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -110,7 +121,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t_quant = time.perf_counter() - tq
     report = model.lowbit_report
     if eval_ids is not None:
+        _dense_cache(model, True)
         q_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
+        _dense_cache(model, False)
     qconfig = {
         "recipe": recipe.to_list(),
         "recipe_name": recipe.name,
@@ -159,6 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = io.load_with_tokenizer(args.dir)
     ids = data.evaluation(tok, n_tokens=args.eval_tokens)
     t = time.perf_counter()
+    _dense_cache(model, True)
     ppl = leval.perplexity(model, ids, seqlen=args.seqlen, progress=not args.quiet)
     print(_table([["", "value"], ["checkpoint", str(args.dir)], ["perplexity", f"{ppl:.2f}"],
                   ["eval tokens", str(ids.shape[1])], ["time", f"{time.perf_counter() - t:.1f} s"]]))
@@ -183,7 +197,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stats = qc.get("stats", {})
     lstats = stats.get("layers", {})
     rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "GPTQ loss"]]
-    for name, meta in layers.items():
+    import re
+
+    natural = lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]  # noqa: E731
+    for name in sorted(layers, key=natural):
+        meta = layers[name]
         st = lstats.get(name, {})
         rows.append([
             name,
@@ -199,7 +217,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     blocks = stats.get("block_output_error", {})
     if blocks:
         print()
-        print(_table([["decoder layer", "rel. output error"]] + [[k, f"{v:.4f}"] for k, v in blocks.items()]))
+        order = sorted(blocks, key=lambda k: int(k) if str(k).isdigit() else str(k))
+        print(_table([["decoder layer", "rel. output error"]] + [[k, f"{blocks[k]:.4f}"] for k in order]))
     summary = [["", "value"], ["checkpoint", str(path)], ["recipe", str(qc.get("recipe_name") or qc.get("recipe"))],
                ["quantized linears", str(len(layers))], ["size on disk", _fmt_bytes(_dir_bytes(path))]]
     if stats.get("fp_perplexity"):
@@ -288,6 +307,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lowbit inspect DIR | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from .hessian import (
     act_order_perm,
     check_damp,
     damped_cholesky,
+    group_setup,
     prepare_hessian,
+    store_order,
 )
 
 __all__ = ["gptq", "GPTQResult"]
@@ -71,17 +73,7 @@ def gptq(
     dev = W.device
 
     order = act_order_perm(H).to(dev) if act_order else torch.arange(n, device=dev)
-    gs = grid.group_size_for(n)
-    n_groups = -(-n // gs)
-    scales = torch.zeros(rows, n_groups, device=dev)
-    zeros = torch.zeros(rows, n_groups, device=dev)
-    if static_groups:
-        for g in range(n_groups):
-            s, z = grid.find_params(W[:, g * gs : (g + 1) * gs])
-            scales[:, g], zeros[:, g] = s, z
-        col_group = (order // gs).tolist()  # group of the j-th processed column
-    else:
-        col_group = [j // gs for j in range(n)]
+    gs, scales, zeros, col_group = group_setup(W, grid, order, static_groups)
 
     if act_order:
         W = W[:, order]
@@ -118,12 +110,6 @@ def gptq(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ R[i1:i2, i2:]
 
-    perm = None
-    if act_order and static_groups:
-        stored = torch.empty_like(codes)
-        stored[:, order] = codes
-        codes = stored
-    elif act_order:
-        perm = order
+    codes, perm = store_order(codes, order, act_order, static_groups)
     qweight = grid.build(codes, scales, zeros, perm=perm, method="gptq")
     return GPTQResult(qweight=qweight, loss=float(loss), damp=lam, n_dead=int(dead.sum()), order=order)

@@ -243,3 +243,42 @@ def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """
     E = (W.double() - W_hat.double().to(W.device))
     return float(torch.einsum("oi,ij,oj->", E, H.double().to(W.device), E))
+
+
+def store_order(
+    codes: torch.Tensor, order: torch.Tensor, permuted: bool, static_groups: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """How codes chosen in processing ``order`` are stored (see ``grids/base.py``).
+
+    Returns ``(codes, perm)``: with act-order and static groups the codes go back to the natural
+    column order (``perm=None``); with act-order alone they stay permuted and ``perm = order``;
+    without act-order nothing changes.
+    """
+    if permuted and static_groups:
+        stored = torch.empty_like(codes)
+        stored[:, order] = codes
+        return stored, None
+    return codes, (order if permuted else None)
+
+
+def group_setup(
+    W: torch.Tensor, grid, order: torch.Tensor, static_groups: bool
+) -> tuple[int, torch.Tensor, torch.Tensor, list[int]]:
+    """Group bookkeeping shared by GPTQ and LDLQ.
+
+    Returns ``(group_size, scales, zeros, col_group)``: ``(rows, n_groups)`` parameter tensors
+    (filled now from the original columns when ``static_groups``, else zero and found on entering
+    each group) and the group of the j-th *processed* column (static groups: the group of its
+    original column; otherwise groups are contiguous in processing order).
+    """
+    rows, n = W.shape
+    gs = grid.group_size_for(n)
+    n_groups = -(-n // gs)
+    scales = torch.zeros(rows, n_groups, device=W.device)
+    zeros = torch.zeros(rows, n_groups, device=W.device)
+    if static_groups:
+        for g in range(n_groups):
+            s, z = grid.find_params(W[:, g * gs : (g + 1) * gs])
+            scales[:, g], zeros[:, g] = s, z
+        return gs, scales, zeros, (order // gs).tolist()
+    return gs, scales, zeros, [j // gs for j in range(n)]

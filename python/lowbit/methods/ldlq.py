@@ -22,7 +22,15 @@ from typing import Optional
 import torch
 
 from ..grids.uniform import Grid
-from .hessian import GPTQResult, check_damp, check_perm, damped_cholesky, prepare_hessian
+from .hessian import (
+    GPTQResult,
+    check_damp,
+    check_perm,
+    damped_cholesky,
+    group_setup,
+    prepare_hessian,
+    store_order,
+)
 
 __all__ = ["ldlq", "udu"]
 
@@ -87,17 +95,7 @@ def ldlq(
     order = order.to(dev)
     permuted = perm is not None
 
-    gs = grid.group_size_for(n)
-    n_groups = -(-n // gs)
-    scales = torch.zeros(rows, n_groups, device=dev)
-    zeros = torch.zeros(rows, n_groups, device=dev)
-    if static_groups:
-        for g in range(n_groups):
-            s, z = grid.find_params(W[:, g * gs : (g + 1) * gs])
-            scales[:, g], zeros[:, g] = s, z
-        col_group = (order // gs).tolist()
-    else:
-        col_group = [j // gs for j in range(n)]
+    gs, scales, zeros, col_group = group_setup(W, grid, order, static_groups)
 
     W = W[:, order]
     U, D, lam = udu(H[order][:, order], damp)
@@ -125,12 +123,6 @@ def ldlq(
         E[:, k] = W[:, k] - q
         loss += D[k] * (w - q).double().square().sum()
 
-    out_perm = None
-    if permuted and static_groups:
-        stored = torch.empty_like(codes)
-        stored[:, order] = codes
-        codes = stored
-    elif permuted:
-        out_perm = order
+    codes, out_perm = store_order(codes, order, permuted, static_groups)
     qweight = grid.build(codes, scales, zeros, perm=out_perm, method="ldlq")
     return GPTQResult(qweight=qweight, loss=float(loss), damp=lam, n_dead=int(dead.sum()), order=order)

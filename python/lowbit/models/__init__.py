@@ -6,26 +6,13 @@ tiny random models for tests. See ``DESIGN.md`` §2 and §5.
 
 from __future__ import annotations
 
-from .adapters import (
-    ADAPTERS,
-    Adapter,
-    LlamaAdapter,
-    MistralAdapter,
-    Qwen2Adapter,
-    get_adapter,
-    supported_model_types,
-)
+from . import adapters, loader, tiny
+from .adapters import *  # noqa: F403 - the adapters' public names, listed in adapters.__all__
 from .loader import BUNDLED, BUNDLED_GGUF, bundled_path, cache_dir, gguf_path, load_bundled, load_model
 from .tiny import TINY_ARCHS, TINY_VOCAB, random_ids, tiny_config, tiny_model
 
 __all__ = [
-    "Adapter",
-    "LlamaAdapter",
-    "Qwen2Adapter",
-    "MistralAdapter",
-    "ADAPTERS",
-    "supported_model_types",
-    "get_adapter",
+    *adapters.__all__,
     "BUNDLED",
     "BUNDLED_GGUF",
     "cache_dir",
