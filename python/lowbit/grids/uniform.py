@@ -15,6 +15,8 @@ that stores them as fp16 rebuilds exactly the weights the method saw.
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,7 +86,7 @@ def _check_group_size(group_size: Optional[int]) -> None:
         raise ValueRangeError(f"group_size: must be a positive int or None, got {group_size!r}")
 
 
-class Grid:
+class Grid(abc.ABC):
     """Interface shared by every grid (see the module docstring). Subclasses are frozen dataclasses
     that define ``kind``, ``bits``, ``group_size``, :attr:`maxq`, :attr:`zero_const`, :attr:`has_zeros`,
     :meth:`find_params` and :meth:`quantize`."""
@@ -93,27 +95,29 @@ class Grid:
     bits: int
     group_size: Optional[int]
 
-    # -- to be provided by subclasses -------------------------------------------------------------
+    # -- provided by every subclass ---------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def maxq(self) -> int:
         """Largest code."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def has_zeros(self) -> bool:
         """Whether each group stores its own zero point (else :attr:`zero_const`)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def zero_const(self) -> float:
         """The zero point of every group when :attr:`has_zeros` is false (0.0 otherwise)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def find_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Per-row ``(scale, zero)``, each ``(rows,)`` float32, for the columns ``w`` (rows, cols)."""
 
+    @abc.abstractmethod
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """uint8 codes of ``w`` under ``(scale, zero)``."""
 
     # -- shared ------------------------------------------------------------------------------------
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
