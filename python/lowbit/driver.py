@@ -210,6 +210,7 @@ def quantize(
         report.stage_seconds[key] = 0.0
 
     bar = _progress(len(layers), progress, recipe)
+    prefix = _layer_prefix(model, layers)
     for li, layer in enumerate(layers):
         t0 = time.perf_counter()
         groups = adapter.linear_groups(layer)
@@ -235,24 +236,8 @@ def quantize(
             for name, lin in group:
                 if bar is not None:
                     bar.set_postfix_str(f"layer {li} {name}")
-                tq = time.perf_counter()
-                qw, loss = _quantize_linear(step, lin, H)
-                ql = QuantLinear.from_quantized(qw, lin.bias.detach() if lin.bias is not None else None)
+                ql = _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, step, H)
                 ql.cache_dequantized = True
-                W = lin.weight.detach().float()
-                err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
-                _set_module(layer, name, ql)
-                report.layers.append(
-                    LayerStats(
-                        f"{_layer_prefix(model, layers)}.{li}.{name}",
-                        step.method,
-                        ql.bits_per_weight(),
-                        step.group_size,
-                        err,
-                        loss,
-                        time.perf_counter() - tq,
-                    )
-                )
             del H
         del accs
         t2 = time.perf_counter()
@@ -316,6 +301,28 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     return obj
 
 
+def _swap_in(
+    report: QuantReport,
+    full_name: str,
+    layer: nn.Module,
+    name: str,
+    lin: nn.Linear,
+    step: WeightQuant,
+    hessian: Optional[torch.Tensor],
+) -> QuantLinear:
+    """Quantize ``lin``, put the packed :class:`QuantLinear` in its place, record its stats."""
+    t = time.perf_counter()
+    qw, loss = _quantize_linear(step, lin, hessian)
+    ql = QuantLinear.from_quantized(qw, lin.bias.detach() if lin.bias is not None else None)
+    W = lin.weight.detach().float()
+    err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
+    _set_module(layer, name, ql)
+    report.layers.append(
+        LayerStats(full_name, step.method, ql.bits_per_weight(), step.group_size, err, loss, time.perf_counter() - t)
+    )
+    return ql
+
+
 def _layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     for name, mod in model.named_modules():
         if mod is layers:
@@ -329,16 +336,7 @@ def _quantize_rtn(model, adapter, layers, step, report, progress) -> None:
     for li, layer in enumerate(layers):
         for group in adapter.linear_groups(layer):
             for name, lin in group:
-                tq = time.perf_counter()
-                qw, _ = _quantize_linear(step, lin, None)
-                ql = QuantLinear.from_quantized(qw, lin.bias.detach() if lin.bias is not None else None)
-                W = lin.weight.detach().float()
-                err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
-                _set_module(layer, name, ql)
-                report.layers.append(
-                    LayerStats(f"{prefix}.{li}.{name}", "rtn", ql.bits_per_weight(), step.group_size, err, None,
-                               time.perf_counter() - tq)
-                )
+                _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, step, None)
         if bar is not None:
             bar.update(1)
     if bar is not None:
