@@ -8,18 +8,12 @@ from __future__ import annotations
 
 from . import adapters, loader, tiny
 from .adapters import *  # noqa: F403 - the adapters' public names, listed in adapters.__all__
-from .loader import BUNDLED, BUNDLED_GGUF, bundled_path, cache_dir, gguf_path, load_bundled, load_model
+from .loader import *  # noqa: F403 - the loader's public names, listed in loader.__all__
 from .tiny import TINY_ARCHS, TINY_VOCAB, random_ids, tiny_config, tiny_model
 
 __all__ = [
     *adapters.__all__,
-    "BUNDLED",
-    "BUNDLED_GGUF",
-    "cache_dir",
-    "gguf_path",
-    "bundled_path",
-    "load_bundled",
-    "load_model",
+    *loader.__all__,
     "TINY_ARCHS",
     "TINY_VOCAB",
     "tiny_config",
