@@ -1,10 +1,13 @@
-"""Every preset on the bundled SmolLM2-135M: perplexity, bits/weight, quantization time.
+"""Every preset on the bundled SmolLM2-135M: perplexity, bits/weight, KV bytes/token, quantization time.
 
     python benches/presets.py [--presets w4-gptq,w3-gptq] [--calib-samples 128] [--eval-tokens 16384]
+    python benches/presets.py --tag w4a4kv4 --presets w4a4kv4-norot,w4a4kv4-quarot,w4a4kv4-spinquant,kv4-kvquant,kv2-kvquant,kv4-uniform,kv2-uniform
 
 Evaluation split (tragedies, Hamlet first), FP measured in the same run; calibration passes in
 bfloat16 where the CPU has it natively (as the CLI does). Writes
-``benches/results/<date>-presets.{json,md}``.
+``benches/results/<date>-presets[-TAG].{json,md}``. The KV column is the bytes the packed cache
+(:class:`lowbit.nn.kv_cache.QuantizedKVCache`) really holds per token after a 512-token prefill,
+beside the fp16 cache's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -42,7 +46,7 @@ def main() -> int:
     ids = data.evaluation(tok, n_tokens=args.eval_tokens)
     calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0)
     fp = perplexity(model, ids, seqlen=args.seqlen)
-    rows = [{"preset": "fp32", "ppl": fp, "ratio": 1.0, "bits": 32.0, "seconds": 0.0}]
+    rows = [{"preset": "fp32", "ppl": fp, "ratio": 1.0, "bits": 32.0, "act": "-", "kv": "-", "seconds": 0.0}]
     for name in args.presets.split(","):
         q = copy.deepcopy(model)
         t = time.perf_counter()
@@ -55,21 +59,32 @@ def main() -> int:
                 k = m.in_features * m.out_features
                 bits += m.bits_per_weight() * k
                 n += k
-        rows.append({"preset": name, "ppl": ppl, "ratio": ppl / fp, "bits": bits / n, "seconds": secs})
-        print(f"{name:10s} ppl {ppl:10.2f}  ×FP {ppl / fp:8.3f}  bits/w {bits / n:.3f}  {secs:6.1f} s", flush=True)
+        recipe = q.lowbit_recipe
+        act = f"A{recipe.activation.bits}" if recipe.activation is not None else "fp32"
+        kv = "fp32"
+        if recipe.kv is not None:
+            from lowbit.nn.kv_cache import QuantizedKVCache
+
+            cache = QuantizedKVCache(q)
+            with torch.no_grad():
+                q(ids[:, : args.seqlen], cache=cache, use_cache=True)
+            kv = f"{cache.kv_bytes_per_token():.0f} B vs {cache.fp16_bytes_per_token():.0f} B fp16"
+        wbits = bits / n if n else 32.0
+        rows.append({"preset": name, "ppl": ppl, "ratio": ppl / fp, "bits": wbits, "act": act, "kv": kv, "seconds": secs})
+        print(f"{name:18s} ppl {ppl:10.2f}  ×FP {ppl / fp:8.3f}  bits/w {wbits:.3f}  {act}  KV {kv}  {secs:6.1f} s", flush=True)
         del q
 
     head = (f"SmolLM2-135M-Instruct, {args.eval_tokens} eval tokens (tragedies), seqlen {args.seqlen}, "
             f"{args.calib_samples}×{args.seqlen} calibration tokens, {args.threads} threads")
-    md = [head, "", "| preset | perplexity | × FP | bits/weight (linears, incl. scales) | quantization time |",
-          "|---|---|---|---|---|"]
-    md += [f"| {r['preset']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['bits']:.3f} | {r['seconds']:.1f} s |" for r in rows]
+    md = [head, "", "| preset | perplexity | × FP | bits/weight (linears, incl. scales) | activations | KV cache per token | quantization time |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['preset']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |" for r in rows]
     text = "\n".join(md)
     print(text)
     if not args.no_write:
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
-        stem = out / f"{dt.date.today().isoformat()}-presets"
+        stem = out / f"{dt.date.today().isoformat()}-presets{'-' + args.tag if args.tag else ''}"
         stem.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
         stem.with_suffix(".md").write_text(text + "\n")
     return 0

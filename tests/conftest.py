@@ -28,3 +28,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The real model, its evaluation ids and calibration ids, and its FP perplexity: loaded once for
+# every slow test module (tests/test_real_model*.py).
+REAL_EVAL_TOKENS = 4096
+REAL_CALIB = 32
+REAL_SEQLEN = 512
+
+
+@pytest.fixture(scope="session")
+def bundle():
+    import torch
+
+    from lowbit import data
+    from lowbit.eval import perplexity
+    from lowbit.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("bundled")
+    ids = data.evaluation(tok, n_tokens=REAL_EVAL_TOKENS)
+    calib = data.calibration(tok, n=REAL_CALIB, seqlen=REAL_SEQLEN, seed=0)
+    fp = perplexity(model, ids, seqlen=REAL_SEQLEN)
+    return model, tok, ids, calib, fp

@@ -11,26 +11,12 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import data
 from lowbit.driver import fast_calib_dtype
 from lowbit.eval import perplexity
-from lowbit.models import load_model
 
 pytestmark = pytest.mark.slow
 
-EVAL_TOKENS = 4096
-CALIB = 32
-SEQLEN = 512
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    torch.manual_seed(0)
-    model, tok = load_model("bundled")
-    ids = data.evaluation(tok, n_tokens=EVAL_TOKENS)
-    calib = data.calibration(tok, n=CALIB, seqlen=SEQLEN, seed=0)
-    fp = perplexity(model, ids, seqlen=SEQLEN)
-    return model, tok, ids, calib, fp
+SEQLEN = 512  # as conftest.REAL_SEQLEN; the `bundle` fixture (conftest) holds model, tokenizer, ids, calib, FP ppl
 
 
 def _ppl(bundle, recipe):

@@ -99,7 +99,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise _UserError(f"--out: {out} already exists; pass --overwrite to replace it")
     recipe = resolve(args.recipe, bits=args.bits, method=args.method, sym=args.sym)
     if args.group is not None:
-        recipe = type(recipe)(tuple(replace(s, group_size=args.group or None) for s in recipe.steps), recipe.name)
+        if recipe.weight is None:
+            raise _UserError(f"--group: recipe {args.recipe!r} has no weight step")
+        recipe = type(recipe)(
+            tuple(replace(s, group_size=args.group or None) if s is recipe.weight else s for s in recipe.steps), recipe.name
+        )
     _threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -111,7 +115,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if eval_ids is not None:
         fp_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
     calib = None
-    if recipe.weight is not None and recipe.weight.needs_hessian:
+    if recipe.needs_calibration:
         calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=args.seed)
     from .driver import fast_calib_dtype
 
@@ -137,8 +141,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ["FP perplexity", f"{fp_ppl:.2f}" if fp_ppl else "skipped"],
         ["quantized perplexity", f"{q_ppl:.2f}" if q_ppl else "skipped"],
         ["ratio", f"{q_ppl / fp_ppl:.3f}×" if fp_ppl and q_ppl else "-"],
-        ["bits/weight (linears, incl. scales)", f"{bpw:.3f}"],
+        ["bits/weight (linears, incl. scales)", f"{bpw:.3f}" if bpw else "full precision"],
         ["quantized linears, packed", _fmt_bytes(lin_bytes)],
+        *[[f"Hadamard {k}", v] for k, v in report.hadamards.items()],
+        ["activations", recipe.activation.describe() if recipe.activation is not None else "full precision"],
+        ["KV cache per token", _kv_bytes(model, tok) if recipe.kv is not None else "fp32 (not quantized)"],
         ["size on disk", _fmt_bytes(_dir_bytes(out))],
         ["load time", f"{t_load:.1f} s"],
         ["quantization time", f"{t_quant:.1f} s"],
@@ -148,6 +155,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ]
     print(_table(rows))
     return 0
+
+
+def _kv_bytes(model, tok) -> str:
+    """Bytes per token the packed KV cache holds after a 256-token prefill, beside fp16's."""
+    import torch
+
+    from . import data
+    from .nn.kv_cache import QuantizedKVCache
+
+    ids = data.evaluation(tok, n_tokens=256)
+    cache = QuantizedKVCache(model)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    q, fp16 = cache.kv_bytes_per_token(), cache.fp16_bytes_per_token()
+    return f"{q:.0f} B (fp16: {fp16:.0f} B, {fp16 / q:.1f}× smaller)"
 
 
 def _stats(report, fp_ppl, q_ppl, args) -> dict:
@@ -161,6 +183,8 @@ def _stats(report, fp_ppl, q_ppl, args) -> dict:
         "calib_dtype": args.calib_dtype,
         "stage_seconds": report.stage_seconds,
         "block_output_error": {str(k): v for k, v in report.block_output_error.items()},
+        "hadamards": report.hadamards,
+        "rotation_losses": report.rotation_losses,
         "layers": {s.name: s.to_dict() for s in report.layers},
     }
 
@@ -221,6 +245,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(_table([["decoder layer", "rel. output error"]] + [[k, f"{blocks[k]:.4f}"] for k in order]))
     summary = [["", "value"], ["checkpoint", str(path)], ["recipe", str(qc.get("recipe_name") or qc.get("recipe"))],
                ["quantized linears", str(len(layers))], ["size on disk", _fmt_bytes(_dir_bytes(path))]]
+    online = qc.get("online", {})
+    inputs, attention = online.get("inputs", {}), online.get("attention", {})
+    if inputs or attention:
+        acts = {json.dumps(c.get("act"), sort_keys=True) for c in inputs.values() if c.get("act")}
+        kvs = {json.dumps(c.get("kv"), sort_keys=True) for c in attention.values() if c.get("kv")}
+        summary += [
+            ["online Hadamard inputs (R4)", str(sum(bool(c.get("hadamard")) for c in inputs.values()))],
+            ["online Hadamard q/k (R3)", str(sum(bool(c.get("rotate_qk")) for c in attention.values()))],
+            ["activation quantizer", "; ".join(sorted(acts)) or "none"],
+            ["KV-cache quantizer", "; ".join(sorted(kvs)) or "none"],
+        ]
+    for k, v in stats.get("hadamards", {}).items():
+        summary.append([f"Hadamard {k}", v])
     if stats.get("fp_perplexity"):
         summary += [["FP perplexity", f"{stats['fp_perplexity']:.2f}"], ["perplexity", f"{stats['perplexity']:.2f}"]]
     print()

@@ -29,8 +29,8 @@ from .errors import ShapeError
 from .grids import BinaryGrid, TernaryGrid, UniformGrid
 from .methods import HessianAccumulator, act_order_perm, gptq, ldlq, rtn
 from .models.adapters import get_adapter
-from .nn import QuantLinear
-from .recipe import Recipe, WeightQuant, resolve
+from .nn import QuantLinear, attach_input_transform, input_transform_of
+from .recipe import ActQuant, KVQuant, Recipe, WeightQuant, resolve
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class QuantReport:
     layers: list[LayerStats] = field(default_factory=list)
     block_output_error: dict[int, float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    hadamards: dict[str, str] = field(default_factory=dict)  # rotation -> Hadamard plan used
+    rotation_losses: list = field(default_factory=list)  # SpinQuant's loss per step
 
     @property
     def seconds(self) -> float:
@@ -159,47 +161,132 @@ def quantize(
     progress: bool = True,
     **overrides: Any,
 ) -> nn.Module:
-    """Quantize ``model``'s decoder linears in place, layer by layer, and return it.
+    """Apply ``recipe`` to ``model`` in place, layer by layer where it quantizes weights, and return it.
+
+    The steps run in a fixed order: rotation (QuaRot / SpinQuant: norms folded, R1/R2 into the
+    weights, online R3/R4 attached), weights (RTN / GPTQ / LDLQ, packed into
+    :class:`~lowbit.nn.QuantLinear`), activations (a per-token quantizer on every decoder linear's
+    input), KV cache (a quantizer in every attention; KVQuant's is calibrated here).
 
     Args:
         model: a Hugging Face causal LM with a supported architecture (Llama, Qwen2, Mistral).
-        recipe: a preset name (``"w4-gptq"``, …), a :class:`~lowbit.recipe.Recipe`, or steps.
+        recipe: a preset name (``"w4-gptq"``, ``"w4a4kv4-quarot"``, …), a
+            :class:`~lowbit.recipe.Recipe`, or steps.
         calib: ``(n, seqlen)`` int64 calibration token ids (see :func:`lowbit.data.calibration`);
-            required unless the recipe is RTN only.
+            required when a step needs data (GPTQ/LDLQ, SpinQuant, KVQuant).
         batch_size: calibration sequences per forward pass.
-        calib_dtype: dtype of the calibration forward passes (``None``: the model's). The weights
-            are always quantized from the model's own (fp32) copy; ``torch.bfloat16`` runs the
-            passes ~3× faster on CPUs with AMX/AVX-512-BF16, at a small cost in Hessian precision.
-        progress: show a progress bar (layer, module, elapsed).
+        calib_dtype: dtype of the weight-calibration forward passes (``None``: the model's). The
+            weights are always quantized from the model's own (fp32) copy; ``torch.bfloat16`` runs
+            the passes ~3× faster on CPUs with AMX/AVX-512-BF16, at a small cost in Hessian precision.
+        progress: show progress bars.
         overrides: fields replacing the weight step's (``bits=3``, ``group_size=128``, …).
 
     Returns:
-        The same model, its decoder linears replaced by packed
-        :class:`~lowbit.nn.QuantLinear` modules; ``model.lowbit_report`` holds a
-        :class:`QuantReport` and ``model.lowbit_recipe`` the recipe.
+        The same model; ``model.lowbit_report`` holds a :class:`QuantReport` (per-layer errors,
+        stage times, the Hadamard plan of every rotation) and ``model.lowbit_recipe`` the recipe.
+
+    Raises:
+        UnsupportedModelError: no adapter for the architecture (rotations need one too).
+        ShapeError: missing or malformed ``calib`` when the recipe needs it.
     """
     recipe = resolve(recipe, **overrides)
-    step = recipe.weight
-    if step is None:
-        raise ShapeError("recipe: has no weight step")
     adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
+    if recipe.needs_calibration:
+        if calib is None:
+            raise ShapeError(f"calib: recipe {recipe.name or recipe.describe()!r} needs calibration token ids (n, seqlen); got None")
+        if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
+            got = f"{tuple(calib.shape)} {calib.dtype}" if isinstance(calib, torch.Tensor) else type(calib).__name__
+            raise ShapeError(f"calib: must be an int64 (n, seqlen) tensor, got {got}")
     report = QuantReport(recipe)
     was_training = model.training
     model.eval()
-    t_start = time.perf_counter()
+    try:
+        if recipe.rotation is not None:
+            t = time.perf_counter()
+            _rotate(model, adapter, recipe, calib, report, progress, calib_dtype)
+            report.stage_seconds["rotate"] = time.perf_counter() - t
+        if recipe.weight is not None:
+            _quantize_weights(model, adapter, recipe.weight, calib, report, batch_size, calib_dtype, progress)
+        if recipe.activation is not None:
+            _attach_act_quant(model, adapter, recipe.activation)
+        if recipe.kv is not None:
+            t = time.perf_counter()
+            _install_kv(model, adapter, recipe.kv, calib, batch_size)
+            report.stage_seconds["kv"] = time.perf_counter() - t
+    finally:
+        model.train(was_training)
+    model.lowbit_report, model.lowbit_recipe = report, recipe
+    return model
 
+
+def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress: bool, calib_dtype) -> None:
+    from .methods.quarot import quarot
+    from .methods.rotation import hadamard_summary
+    from .methods.spinquant import spinquant
+
+    r = recipe.rotation
+    if r.method == "quarot":
+        rot = quarot(model, seed=r.seed, online_qk=r.online_qk, online_down=r.online_down, adapter=adapter)
+    else:
+        act = recipe.activation.quantizer_config() if recipe.activation is not None else None
+        kv = None
+        if recipe.kv is not None and recipe.kv.method == "uniform":
+            kv = recipe.kv.quantizer_config(adapter.dims(model).head_dim)
+        res = spinquant(
+            model, calib, adapter=adapter, act=act, kv=kv, steps=r.steps, lr=r.lr, momentum=r.momentum,
+            seqlen=r.seqlen, batch_size=r.batch_size, seed=r.seed, online_qk=r.online_qk,
+            online_down=r.online_down, progress=progress, autocast_dtype=calib_dtype,
+        )
+        rot = res.rotations
+        report.rotation_losses = res.losses
+    report.hadamards = hadamard_summary(model, rot, adapter)
+    for name, plan in report.hadamards.items():
+        if plan.startswith("fallback"):
+            log.warning("rotation %s has no exact Hadamard: using the %s", name, plan)
+
+
+def _decoder_linears(model, adapter):
+    prefix = _layer_prefix(model, adapter.decoder_layers(model))
+    for li, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.groups:
+            for name in group:
+                yield f"{prefix}.{li}.{name}", layer.get_submodule(name)
+
+
+def _attach_act_quant(model, adapter, step: ActQuant) -> None:
+    """Give every decoder linear a per-token activation quantizer (after any online Hadamard)."""
+    from .nn.online import InputTransform, attach_input_transform, input_transform_of
+
+    for _, lin in _decoder_linears(model, adapter):
+        old = input_transform_of(lin)
+        attach_input_transform(lin, InputTransform(hadamard=old is not None and old.hadamard, act=step.quantizer_config()))
+
+
+def _install_kv(model, adapter, step: KVQuant, calib, batch_size: int) -> None:
+    """Put a KV quantizer in every attention (keeping its R3 setting); calibrate KVQuant's."""
+    from .nn.attention import install_attention
+    from .nn.kv_quant import KVQuantizer
+
+    d = adapter.dims(model)
+    rotary = adapter.rotary(model)
+    for layer in adapter.decoder_layers(model):
+        attn = adapter.attention(layer)
+        kvq = KVQuantizer(d.n_kv_heads, d.head_dim, **step.quantizer_config(d.head_dim))
+        install_attention(attn, rotary=rotary, rotate_qk=bool(getattr(attn, "lowbit_rotate_qk", False)), kv=kvq)
+    if step.method == "kvquant":
+        from .methods.kvquant import calibrate_kv
+
+        calibrate_kv(model, calib, fisher=step.fisher, batch_size=1)
+
+
+@torch.no_grad()
+def _quantize_weights(model, adapter, step: WeightQuant, calib, report: QuantReport, batch_size, calib_dtype, progress) -> None:
+    layers = adapter.decoder_layers(model)
+    t_start = time.perf_counter()
     if not step.needs_hessian:
         _quantize_rtn(model, adapter, layers, step, report, progress)
         report.stage_seconds["quantize"] = time.perf_counter() - t_start
-        model.lowbit_report, model.lowbit_recipe = report, recipe
-        model.train(was_training)
-        return model
-
-    if calib is None:
-        raise ShapeError(f"calib: {step.method} needs calibration token ids (n, seqlen); got None")
-    if calib.dim() != 2 or calib.dtype != torch.long:
-        raise ShapeError(f"calib: must be an int64 (n, seqlen) tensor, got {tuple(calib.shape)} {calib.dtype}")
+        return
 
     inps, kwargs = _capture(model, layers, calib, batch_size)
     if calib_dtype is not None:
@@ -209,7 +296,7 @@ def quantize(
     for key in ("hessians", "quantize", "outputs"):
         report.stage_seconds[key] = 0.0
 
-    bar = _progress(len(layers), progress, recipe)
+    bar = _progress(len(layers), progress, report.recipe)
     prefix = _layer_prefix(model, layers)
     for li, layer in enumerate(layers):
         t0 = time.perf_counter()
@@ -264,9 +351,6 @@ def quantize(
         log.info("layer %d: output error %.4f", li, report.block_output_error[li])
     if bar is not None:
         bar.close()
-    model.lowbit_report, model.lowbit_recipe = report, recipe
-    model.train(was_training)
-    return model
 
 
 def fast_calib_dtype() -> Optional[torch.dtype]:
@@ -316,6 +400,10 @@ def _swap_in(
     ql = QuantLinear.from_quantized(qw, lin.bias.detach() if lin.bias is not None else None)
     W = lin.weight.detach().float()
     err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
+    transform = input_transform_of(lin)
+    if transform is not None:  # the online Hadamard / activation quantizer move to the new layer
+        attach_input_transform(lin, None)
+        attach_input_transform(ql, transform)
     _set_module(layer, name, ql)
     report.layers.append(
         LayerStats(full_name, step.method, ql.bits_per_weight(), step.group_size, err, loss, time.perf_counter() - t)

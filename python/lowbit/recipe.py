@@ -2,8 +2,16 @@
 
 Each step is a frozen dataclass (torchao style): defaults, validation in ``__post_init__``, a
 ``version``, and ``to_dict``/``from_dict`` so the recipe is stored in the checkpoint. A preset name
-is just a recipe. Today there is one kind of step, :class:`WeightQuant` (RTN, GPTQ or LDLQ on a
-uniform, ternary or binary grid); rotations, activation and KV quantization join as more step kinds.
+is just a recipe. Step kinds, applied in this order whatever order they are listed in:
+
+* :class:`Rotate` — QuaRot (random Hadamard) or SpinQuant (learned, Cayley SGD) rotations, with
+  the online Hadamards R3 (queries/keys) and R4 (``down_proj`` input);
+* :class:`WeightQuant` — RTN, GPTQ or LDLQ on a uniform, ternary or binary grid;
+* :class:`ActQuant` — per-token quantization of every decoder linear's input;
+* :class:`KVQuant` — the KV cache: plain per-token (``"uniform"``) or KVQuant (per-channel pre-RoPE
+  keys, learned non-uniform levels, dense-and-sparse outliers, attention sink).
+
+At most one step of each kind; any subset composes (``kv4-kvquant`` is a KV step alone).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .errors import LowbitError, UnsupportedSizeError, ValueRangeError
 
-__all__ = ["WeightQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
+__all__ = ["WeightQuant", "Rotate", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
 
 METHODS = ("rtn", "gptq", "ldlq")
 KINDS = ("uniform", "ternary", "binary")
@@ -89,6 +97,183 @@ class WeightQuant:
         return cls(**d)
 
 
+def _check_bits(value: Any, allowed: tuple, arg: str = "bits") -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise UnsupportedSizeError(f"{arg}: {value!r} is not supported; choose from {allowed}")
+
+
+def _check_ratio(value: Any, arg: str, lo: float = 0.0, hi: float = 1.0, lo_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        raise ValueRangeError(f"{arg}: must be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Rotate:
+    """Rotate the model before quantizing it (norms folded first; exact in full precision).
+
+    Attributes:
+        method: ``"quarot"`` (randomized Hadamard R1/R2) or ``"spinquant"`` (R1/R2 learned by Cayley
+            SGD on the Stiefel manifold, starting from QuaRot's, against the loss of the network with
+            quantized activations and KV cache).
+        seed: random signs of the Hadamards (and the calibration batches SpinQuant draws).
+        online_qk: R3, Hadamard on queries and keys after RoPE (needed for a rotated KV cache).
+        online_down: R4, Hadamard on the ``down_proj`` input, folded into its weight.
+        steps, lr, momentum, seqlen, batch_size: SpinQuant's optimisation (ignored by QuaRot).
+    """
+
+    method: str = "quarot"
+    seed: int = 0
+    online_qk: bool = True
+    online_down: bool = True
+    steps: int = 100
+    lr: float = 1.5
+    momentum: float = 0.9
+    seqlen: int = 256
+    batch_size: int = 1
+    version: int = 1
+    step: str = field(default="rotation", init=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("quarot", "spinquant"):
+            raise ValueRangeError(f"method: unknown rotation {self.method!r}; choose from ('quarot', 'spinquant')")
+        for name in ("steps", "seqlen", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                raise ValueRangeError(f"{name}: must be a {'non-negative' if name == 'steps' else 'positive'} int, got {v!r}")
+        _check_ratio(self.lr, "lr", 0.0, 1e3)
+        _check_ratio(self.momentum, "momentum", 0.0, 0.999, lo_open=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "spinquant"
+
+    def describe(self) -> str:
+        online = "+".join(n for n, on in (("R3", self.online_qk), ("R4", self.online_down)) if on)
+        learn = f" {self.steps} steps" if self.method == "spinquant" else ""
+        return f"{'QuaRot' if self.method == 'quarot' else 'SpinQuant'} R1/R2{learn}" + (f" +{online}" if online else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Quantize every decoder linear's input per token (the linear multiplies the integer codes).
+
+    Attributes:
+        bits: 4 or 8 (2–8 accepted).
+        sym: symmetric per-token grid (QuaRot's choice) or asymmetric.
+        clip_ratio: shrink each token's range before rounding, in (0, 1].
+        group_size: channels per scale inside a token; ``None`` = one scale per token.
+    """
+
+    bits: int = 4
+    sym: bool = True
+    clip_ratio: float = 0.9
+    group_size: Optional[int] = None
+    version: int = 1
+    step: str = field(default="activation", init=False)
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, (2, 3, 4, 5, 6, 7, 8))
+        _check_ratio(self.clip_ratio, "clip_ratio")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueRangeError(f"group_size: must be a positive int or None, got {self.group_size!r}")
+
+    def quantizer_config(self) -> dict:
+        return {"bits": self.bits, "sym": self.sym, "clip_ratio": self.clip_ratio, "group_size": self.group_size}
+
+    def describe(self) -> str:
+        return f"A{self.bits} per-token {'sym' if self.sym else 'asym'} clip {self.clip_ratio:g}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """Quantize the KV cache as it is written.
+
+    Attributes:
+        bits: 2, 3 or 4.
+        method: ``"uniform"`` — keys (after RoPE and R3) and values per token, groups of
+            ``group_size`` in each head; ``"kvquant"`` — KVQuant: keys per channel before RoPE with a
+            calibrated range, non-uniform levels learned by sensitivity-weighted k-means, the top
+            ``outlier_frac`` kept exact and sparse, values per token likewise.
+        group_size: per-token group width (``None`` = the head dim).
+        sym: symmetric grid for the uniform method.
+        clip_ratio: range shrink for the uniform method.
+        outlier_frac: fraction kept in full precision (kvquant).
+        sink_tokens: the first tokens (attention sinks) kept in fp16.
+        fisher: weight the k-means by squared gradients of the loss (else unweighted).
+    """
+
+    bits: int = 4
+    method: str = "kvquant"
+    group_size: Optional[int] = None
+    sym: bool = False
+    clip_ratio: float = 1.0
+    outlier_frac: float = 0.01
+    sink_tokens: int = 1
+    fisher: bool = True
+    version: int = 1
+    step: str = field(default="kv", init=False)
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, (2, 3, 4))
+        if self.method not in ("uniform", "kvquant"):
+            raise ValueRangeError(f"method: unknown KV method {self.method!r}; choose from ('uniform', 'kvquant')")
+        _check_ratio(self.clip_ratio, "clip_ratio")
+        _check_ratio(self.outlier_frac, "outlier_frac", 0.0, 0.5, lo_open=False)
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueRangeError(f"sink_tokens: must be a non-negative int, got {self.sink_tokens!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueRangeError(f"group_size: must be a positive int or None, got {self.group_size!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "kvquant"
+
+    def quantizer_config(self, head_dim: int) -> dict:
+        """Keyword arguments of :class:`lowbit.nn.kv_quant.KVQuantizer` (less the head counts)."""
+        return {
+            "bits": self.bits,
+            "method": self.method,
+            "group_size": self.group_size or head_dim,
+            "sym": self.sym,
+            "clip_ratio": self.clip_ratio,
+            "outlier_frac": self.outlier_frac if self.method == "kvquant" else 0.0,
+            "sink_tokens": self.sink_tokens,
+        }
+
+    def describe(self) -> str:
+        if self.method == "kvquant":
+            return f"KV{self.bits} KVQuant (pre-RoPE per-channel K, NUQ, {self.outlier_frac:.0%} sparse, sink {self.sink_tokens})"
+        return f"KV{self.bits} per-token {'sym' if self.sym else 'asym'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+STEP_KINDS: dict[str, type] = {"rotation": Rotate, "weight": WeightQuant, "activation": ActQuant, "kv": KVQuant}
+STEP_ORDER = ("rotation", "weight", "activation", "kv")
+
+
+def step_from_dict(d: dict, where: str = "step") -> Any:
+    """A step dataclass from its ``to_dict`` form."""
+    if not isinstance(d, dict):
+        raise ValueRangeError(f"{where}: must be a dict, got {type(d).__name__}")
+    cls = STEP_KINDS.get(d.get("step", "weight"))
+    if cls is None:
+        raise ValueRangeError(f"{where}: unknown step kind {d.get('step')!r}; known: {tuple(STEP_KINDS)}")
+    try:
+        return cls(**{k: v for k, v in d.items() if k != "step"})
+    except TypeError as e:
+        raise ValueRangeError(f"{where}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Recipe:
     """An ordered list of steps, and the name it was made from (if a preset)."""
@@ -96,22 +281,46 @@ class Recipe:
     steps: tuple
     name: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        kinds = [getattr(s, "step", None) for s in self.steps]
+        for i, k in enumerate(kinds):
+            if k not in STEP_KINDS:
+                raise ValueRangeError(f"recipe[{i}]: not a step ({type(self.steps[i]).__name__})")
+            if kinds.index(k) != i:
+                raise ValueRangeError(f"recipe[{i}]: a second {k!r} step; a recipe has at most one of each kind")
+        ordered = tuple(sorted(self.steps, key=lambda s: STEP_ORDER.index(s.step)))
+        object.__setattr__(self, "steps", ordered)
+
+    def _kind(self, kind: str) -> Any:
+        return next((s for s in self.steps if s.step == kind), None)
+
     @property
     def weight(self) -> Optional[WeightQuant]:
-        return next((s for s in self.steps if isinstance(s, WeightQuant)), None)
+        return self._kind("weight")
+
+    @property
+    def rotation(self) -> Optional[Rotate]:
+        return self._kind("rotation")
+
+    @property
+    def activation(self) -> Optional[ActQuant]:
+        return self._kind("activation")
+
+    @property
+    def kv(self) -> Optional[KVQuant]:
+        return self._kind("kv")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether :func:`lowbit.quantize` needs calibration token ids for this recipe."""
+        return any(getattr(s, "needs_hessian", False) or getattr(s, "needs_calibration", False) for s in self.steps)
 
     def to_list(self) -> list[dict]:
         return [s.to_dict() for s in self.steps]
 
     @classmethod
     def from_list(cls, steps: Sequence[dict], name: Optional[str] = None) -> "Recipe":
-        out = []
-        for i, s in enumerate(steps):
-            kind = s.get("step")
-            if kind != "weight":
-                raise ValueRangeError(f"recipe[{i}]: unknown step kind {kind!r}")
-            out.append(WeightQuant.from_dict(s))
-        return cls(tuple(out), name)
+        return cls(tuple(step_from_dict(s, f"recipe[{i}]") for i, s in enumerate(steps)), name)
 
     def describe(self) -> str:
         return " → ".join(s.describe() for s in self.steps)
@@ -127,13 +336,27 @@ PRESETS: dict[str, Recipe] = {
     "w2-gptq": Recipe((WeightQuant("gptq", 2, 32),), "w2-gptq"),
     "w4-ldlq": Recipe((WeightQuant("ldlq", 4, 64),), "w4-ldlq"),
     "w1.58-gptq": Recipe((WeightQuant("gptq", 2, 64, kind="ternary", mse=False),), "w1.58-gptq"),
+    # W4A4KV4: GPTQ weights, 4-bit per-token activations and KV cache; the baseline without rotation
+    "w4a4kv4-norot": Recipe((WeightQuant("gptq", 4, 64), ActQuant(4), KVQuant(4, "uniform")), "w4a4kv4-norot"),
+    "w4a4kv4-quarot": Recipe(
+        (Rotate("quarot"), WeightQuant("gptq", 4, 64), ActQuant(4), KVQuant(4, "uniform")), "w4a4kv4-quarot"
+    ),
+    "w4a4kv4-spinquant": Recipe(
+        (Rotate("spinquant"), WeightQuant("gptq", 4, 64), ActQuant(4), KVQuant(4, "uniform")), "w4a4kv4-spinquant"
+    ),
+    # KV cache only, on an otherwise full-precision model
+    "kv4-kvquant": Recipe((KVQuant(4, "kvquant"),), "kv4-kvquant"),
+    "kv2-kvquant": Recipe((KVQuant(2, "kvquant"),), "kv2-kvquant"),
+    "kv4-uniform": Recipe((KVQuant(4, "uniform"),), "kv4-uniform"),
+    "kv2-uniform": Recipe((KVQuant(2, "uniform"),), "kv2-uniform"),
 }
 
 
 def resolve(recipe: Union[str, Recipe, WeightQuant, Sequence[Any]], **overrides: Any) -> Recipe:
     """A :class:`Recipe` from a preset name, a recipe, one step, or a list of steps/dicts.
 
-    ``overrides`` (e.g. ``bits=3, group_size=128, sym=True``) replace fields of the weight step.
+    ``overrides`` (e.g. ``bits=3, group_size=128, sym=True``) replace fields of the weight step
+    (it is an error to override a recipe without one).
     """
     if isinstance(recipe, str):
         if recipe not in PRESETS:
@@ -141,13 +364,15 @@ def resolve(recipe: Union[str, Recipe, WeightQuant, Sequence[Any]], **overrides:
         r = PRESETS[recipe]
     elif isinstance(recipe, Recipe):
         r = recipe
-    elif isinstance(recipe, WeightQuant):
+    elif isinstance(recipe, tuple(STEP_KINDS.values())):
         r = Recipe((recipe,))
     else:
-        steps = [s if not isinstance(s, dict) else WeightQuant.from_dict(s) for s in recipe]
+        steps = [step_from_dict(s, f"recipe[{i}]") if isinstance(s, dict) else s for i, s in enumerate(recipe)]
         r = Recipe(tuple(steps))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
+        if r.weight is None:
+            raise ValueRangeError(f"overrides {sorted(overrides)}: the recipe has no weight step to change")
         steps = tuple(replace(s, **overrides) if isinstance(s, WeightQuant) else s for s in r.steps)
         r = Recipe(steps, r.name)
     return r

@@ -8,13 +8,21 @@ Layout of a checkpoint folder (format_version 1)::
                              "recipe": [...],                      # as given by the caller
                              "layers": {"model.layers.0.self_attn.q_proj": {
                                  "in_features", "out_features", "bits", "group_size", "kind", "sym",
-                                 "zero_const", "act_order", "bias", "method", "packing"}, ...}}
+                                 "zero_const", "act_order", "bias", "method", "packing"}, ...},
+                             "online": {                           # only when there are any
+                                 "inputs": {"model.layers.0.mlp.down_proj": {"hadamard", "act"}, ...},
+                                 "attention": {"model.layers.0.self_attn": {"rotate_qk", "kv"}, ...}}}
     model.safetensors    every tensor of ``model.state_dict()``, tied tensors once (the first name
                          in state-dict order, e.g. ``model.embed_tokens.weight``); a quantized linear
                          ``W`` stores ``W.qweight`` (uint8), ``W.scales`` (fp16), ``W.zeros`` (fp16,
                          asymmetric), ``W.perm`` (int64, act-order), ``W.bias``; header metadata
                          ``{"format": "pt", "lowbit_format_version": "1"}``
     tokenizer files      when a tokenizer was given (``tokenizer.save_pretrained``)
+
+A rotated model (QuaRot / SpinQuant) is stored with its rotations folded into the weights (and
+``tie_word_embeddings`` false, since the head and embeddings differ); the online parts — Hadamards on
+``down_proj`` inputs and on queries/keys, activation quantizers, KV quantizers with their calibrated
+tensors (``…self_attn.lowbit_kv.*``) — are rebuilt by :func:`load` from ``"online"``.
 
 Only JSON and safetensors are written or read: loading never unpickles and never runs remote code.
 
@@ -152,6 +160,11 @@ def _config_json(model: nn.Module, quantization_config: dict) -> dict:
                 raise CheckpointError(f"{name}: QuantLinear has no data (meta tensors)")
             layers[name] = mod.metadata()
     qc["layers"] = layers
+    online = _online_config(model)
+    if online:
+        qc["online"] = online
+    elif "online" in qc:
+        raise CheckpointError("quantization_config: 'online' is filled in by lowbit.io.save; do not pass it")
 
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "to_dict"):
@@ -167,6 +180,30 @@ def _config_json(model: nn.Module, quantization_config: dict) -> dict:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"quantization_config: not JSON-serialisable: {e}") from None
     return cfg
+
+
+def _online_config(model: nn.Module) -> dict:
+    """``{"inputs": {linear: InputTransform config}, "attention": {attn: attention config}}`` of the
+    online transforms (Hadamards, activation and KV quantizers) attached to ``model``; ``{}`` if none."""
+    from ..nn.online import input_transform_of
+
+    inputs, attention = {}, {}
+    for name, mod in model.named_modules():
+        t = input_transform_of(mod)
+        if t is not None:
+            inputs[name] = t.config()
+        if "lowbit_rotate_qk" in mod.__dict__:
+            from ..nn.attention import attention_config
+
+            cfg = attention_config(mod)
+            if cfg is not None:
+                attention[name] = cfg
+    out = {}
+    if inputs:
+        out["inputs"] = inputs
+    if attention:
+        out["attention"] = attention
+    return out
 
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -305,6 +342,7 @@ def load(path: PathLike, *, device: Any = "cpu", dtype: torch.dtype = torch.floa
     cfg, qc = _read_config(path)
     model = _build_model(cfg)
     _install_quant_layers(model, qc["layers"], dtype)
+    _install_online(model, qc.get("online", {}))
     _load_tensors(model, path / WEIGHTS_NAME, dtype, device)
     model.to(device)
     model.eval()
@@ -458,6 +496,39 @@ def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) ->
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
+
+
+def _install_online(model: nn.Module, online: Any) -> None:
+    """Re-attach the online transforms recorded by :func:`_online_config` (before the tensors load,
+    so a KV quantizer's calibrated buffers are expected and filled)."""
+    from ..nn.online import InputTransform, attach_input_transform
+
+    if not isinstance(online, dict) or set(online) - {"inputs", "attention"}:
+        raise CheckpointError(f"quantization_config.online: must be an object with 'inputs'/'attention', got {online!r}")
+    for section in ("inputs", "attention"):
+        entries = online.get(section, {})
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"quantization_config.online.{section}: must be an object, got {type(entries).__name__}")
+        for name, cfg in entries.items():
+            where = f"quantization_config.online.{section}[{name!r}]"
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"{where}: the {type(model).__name__} architecture has no module {name!r}") from None
+            try:
+                if section == "inputs":
+                    if not isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear):
+                        raise CheckpointError(f"{where}: {name!r} is a {type(mod).__name__}, not a linear")
+                    attach_input_transform(mod, InputTransform.from_config(cfg))
+                else:
+                    from ..models.adapters import get_adapter
+                    from ..nn.attention import install_from_config
+
+                    install_from_config(mod, cfg, get_adapter(model).rotary(model))
+            except CheckpointError:
+                raise
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointError(f"{where}: {e}") from None
 
 
 def _load_tensors(model: nn.Module, file: Path, dtype: torch.dtype, device: Any) -> None:

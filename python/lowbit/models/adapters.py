@@ -21,6 +21,7 @@ Llama, Qwen2 and Mistral in ``transformers`` share one layout::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
@@ -29,6 +30,7 @@ from ..errors import UnsupportedModelError
 
 __all__ = [
     "Adapter",
+    "Dims",
     "LlamaAdapter",
     "Qwen2Adapter",
     "MistralAdapter",
@@ -36,6 +38,17 @@ __all__ = [
     "supported_model_types",
     "get_adapter",
 ]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Widths of a decoder: ``hidden``, ``n_heads``, ``n_kv_heads``, ``head_dim``, ``intermediate``."""
+
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
 
 
 class Adapter:
@@ -68,6 +81,31 @@ class Adapter:
     def rotary(self, model: Any) -> nn.Module:
         """The rotary position embedding module shared by all layers."""
         return model.model.rotary_emb
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """A decoder layer's self-attention module (holds q/k/v/o_proj)."""
+        return layer.self_attn
+
+    def attn_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm whose output feeds q/k/v."""
+        return layer.input_layernorm
+
+    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm whose output feeds gate/up."""
+        return layer.post_attention_layernorm
+
+    def dims(self, model: Any) -> "Dims":
+        """Hidden size, head counts and widths, from the model config."""
+        c = model.config
+        n_heads = int(c.num_attention_heads)
+        head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // n_heads)
+        return Dims(
+            hidden=int(c.hidden_size),
+            n_heads=n_heads,
+            n_kv_heads=int(getattr(c, "num_key_value_heads", None) or n_heads),
+            head_dim=head_dim,
+            intermediate=int(c.intermediate_size),
+        )
 
     def linear_groups(self, layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
         """``[[(name, linear), ...], ...]``: a layer's linears in execution order, grouped by shared input.

@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
 from ..grids.base import GRID_KINDS, QuantizedWeight
 from ..ops import pack, pack_ternary, packed_size, unpack, unpack_ternary
+from .online import online_hadamard
 
 __all__ = ["PackingFormat", "QuantLinear", "storage_bits"]
 
@@ -384,12 +385,41 @@ class QuantLinear(nn.Module):
         self._cache = None
         return self.dequantize_weight().to(dtype)
 
+    handles_input_transform = True  # forward applies ``lowbit_input`` itself (see lowbit.nn.online)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_for(x.dtype)
         b: Optional[torch.Tensor] = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
+        t = self._modules.get("lowbit_input")
+        if t is not None:
+            if t.hadamard:
+                x = online_hadamard(x)
+            if t.act is not None and not (x.requires_grad and torch.is_grad_enabled()):
+                return self._forward_int_act(x, t.act, b)
+            if t.act is not None:
+                x = t.act(x)
+        w = self.weight_for(x.dtype)
         return F.linear(x, w, b)
+
+    def _forward_int_act(self, x: torch.Tensor, act: Any, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """``y = Σ_groups s_g · ((c_g − z_g) @ W_gᵀ)``: the matmul runs on the integer activation codes.
+
+        The codes and ``c − z`` are small integers, exact in fp32 and bf16 (|c − z| ≤ 255), so the
+        product is the integer product up to the accumulation's rounding; per-token scales apply after.
+        """
+        codes, scale, zero = act.quantize(x)  # (..., G, g), (..., G, 1)
+        dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+        w = self.weight_for(dt)
+        ints = (codes - zero).to(dt)
+        n_groups, g = ints.shape[-2], ints.shape[-1]
+        if n_groups == 1:
+            y = F.linear(ints.squeeze(-2), w) * scale.squeeze(-2).to(dt)
+        else:
+            wg = w.reshape(w.shape[0], n_groups, g)
+            y = torch.einsum("...kg,okg,...k->...o", ints, wg, scale.squeeze(-1).to(dt))
+        y = y.to(x.dtype)
+        return y + b if b is not None else y
 
     # ------------------------------------------------------------------------------------------
     # nn.Module plumbing
