@@ -16,11 +16,10 @@ Writes ``benches/results/<date>-online-hadamard.{json,md}`` unless ``--no-write`
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
 import time
-from pathlib import Path
+
+from _results import write_results
 
 
 def _time(fn, repeats: int) -> float:
@@ -104,11 +103,7 @@ def main() -> int:
     text = "\n".join(md)
     print(text)
     if not args.no_write:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        stem = out / f"{dt.date.today().isoformat()}-online-hadamard"
-        stem.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-        stem.with_suffix(".md").write_text(text + "\n")
+        write_results("online-hadamard", {"settings": vars(args), "rows": rows}, text)
     return 0
 
 

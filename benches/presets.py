@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import time
-from pathlib import Path
+
+from _results import write_results
 
 
 def main() -> int:
@@ -52,6 +51,9 @@ def main() -> int:
         t = time.perf_counter()
         lowbit.quantize(q, name, calib, progress=False, calib_dtype=fast_calib_dtype())
         secs = time.perf_counter() - t
+        for m in q.modules():  # evaluate on the dense weights, as `lowbit eval` does (speed, not numerics)
+            if isinstance(m, QuantLinear):
+                m.cache_dequantized = True
         ppl = perplexity(q, ids, seqlen=args.seqlen)
         bits = n = 0
         for m in q.modules():
@@ -82,11 +84,7 @@ def main() -> int:
     text = "\n".join(md)
     print(text)
     if not args.no_write:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        stem = out / f"{dt.date.today().isoformat()}-presets{'-' + args.tag if args.tag else ''}"
-        stem.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-        stem.with_suffix(".md").write_text(text + "\n")
+        write_results(f"presets{'-' + args.tag if args.tag else ''}", {"settings": vars(args), "rows": rows}, text)
     return 0
 
 

@@ -10,12 +10,11 @@ RSS of the process, and writes ``benches/results/<date>-quantize-<recipe>.{json,
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import platform
 import resource
 import time
-from pathlib import Path
+
+from _results import write_results
 
 
 def main() -> int:
@@ -67,15 +66,11 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        stem = out / f"{dt.date.today().isoformat()}-quantize-{args.recipe}"
-        stem.with_suffix(".json").write_text(json.dumps({
+        write_results(f"quantize-{args.recipe}", {
             "recipe": args.recipe, "calib_samples": args.calib_samples, "seqlen": args.seqlen,
             "threads": args.threads, "load_seconds": t_load, "stage_seconds": stages,
             "total_seconds": total, "peak_rss_bytes": rss, "targets": targets,
-        }, indent=2))
-        stem.with_suffix(".md").write_text("```\n" + text + "\n```\n")
+        }, "```\n" + text + "\n```")
     return 0
 
 

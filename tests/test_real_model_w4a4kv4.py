@@ -58,3 +58,15 @@ def test_quarot_closes_most_of_the_a4kv4_gap(bundle):
     print(f"FP {fp:.2f}  A4KV4 no rotation {plain:.2f}  QuaRot {rotated:.2f}")
     assert (rotated - fp) * 5 <= plain - fp
     assert not any(v.startswith("fallback") for v in q.lowbit_report.hadamards.values())
+
+
+def test_cli_reports_the_kv_cache_and_inspect_shows_it(tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "kv4"
+    assert main(["quantize", "--model", "bundled", "--recipe", "kv4-uniform", "--out", str(out),
+                 "--eval-tokens", "512", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "KV cache per token" in printed and "fp16: 23040 B" in printed
+    assert main(["inspect", str(out)]) == 0
+    assert "KV-cache quantizer" in capsys.readouterr().out

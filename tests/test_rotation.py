@@ -240,3 +240,17 @@ def test_spinquant_learns_and_keeps_the_model_exact():
     apply_rotations(model, res.rotations)
     with torch.no_grad():
         assert _rel(model(ids).logits, ref) <= 1e-3
+
+
+def test_spinquant_keeps_the_rotation_with_the_lowest_held_out_loss():
+    model = tiny_model("qwen2", seed=3)
+    fuse_norms(model)
+    calib = random_ids(6, 32, seed=4)
+    res = learn_rotations(model, calib, steps=4, lr=1.5, seqlen=32, val_rows=2, eval_every=2, seed=1)
+    assert [s for s, _ in res.val_losses] == [0, 2, 4]
+    best_step = min(res.val_losses, key=lambda sv: sv[1])[0]
+    init = quarot_rotations(64, 16, 2, 1).r1
+    assert torch.allclose(res.rotations.r1, init, atol=1e-6) == (best_step == 0)
+    # without a hold-out (too few rows) the last iterate is returned and nothing is measured
+    res = learn_rotations(model, calib[:2], steps=2, lr=1.5, seqlen=32, val_rows=2, seed=1)
+    assert res.val_losses == [] and not torch.allclose(res.rotations.r1, init, atol=1e-6)

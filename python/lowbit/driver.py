@@ -203,7 +203,7 @@ def quantize(
     try:
         if recipe.rotation is not None:
             t = time.perf_counter()
-            _rotate(model, adapter, recipe, calib, report, progress, calib_dtype)
+            _rotate(model, adapter, recipe, calib, report, progress)
             report.stage_seconds["rotate"] = time.perf_counter() - t
         if recipe.weight is not None:
             _quantize_weights(model, adapter, recipe.weight, calib, report, batch_size, calib_dtype, progress)
@@ -219,7 +219,7 @@ def quantize(
     return model
 
 
-def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress: bool, calib_dtype) -> None:
+def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress: bool) -> None:
     from .methods.quarot import quarot
     from .methods.rotation import hadamard_summary
     from .methods.spinquant import spinquant
@@ -235,7 +235,7 @@ def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress
         res = spinquant(
             model, calib, adapter=adapter, act=act, kv=kv, steps=r.steps, lr=r.lr, momentum=r.momentum,
             seqlen=r.seqlen, batch_size=r.batch_size, seed=r.seed, online_qk=r.online_qk,
-            online_down=r.online_down, progress=progress, autocast_dtype=calib_dtype,
+            online_down=r.online_down, progress=progress,
         )
         rot = res.rotations
         report.rotation_losses = res.losses
@@ -264,19 +264,13 @@ def _attach_act_quant(model, adapter, step: ActQuant) -> None:
 
 def _install_kv(model, adapter, step: KVQuant, calib, batch_size: int) -> None:
     """Put a KV quantizer in every attention (keeping its R3 setting); calibrate KVQuant's."""
-    from .nn.attention import install_attention
-    from .nn.kv_quant import KVQuantizer
+    from .nn.attention import install_model_attention
 
-    d = adapter.dims(model)
-    rotary = adapter.rotary(model)
-    for layer in adapter.decoder_layers(model):
-        attn = adapter.attention(layer)
-        kvq = KVQuantizer(d.n_kv_heads, d.head_dim, **step.quantizer_config(d.head_dim))
-        install_attention(attn, rotary=rotary, rotate_qk=bool(getattr(attn, "lowbit_rotate_qk", False)), kv=kvq)
+    install_model_attention(model, rotate_qk=None, kv=step.quantizer_config(adapter.dims(model).head_dim))
     if step.method == "kvquant":
         from .methods.kvquant import calibrate_kv
 
-        calibrate_kv(model, calib, fisher=step.fisher, batch_size=1)
+        calibrate_kv(model, calib[: step.calib_samples], fisher=step.fisher, batch_size=1)
 
 
 @torch.no_grad()

@@ -476,13 +476,18 @@ def _build_model(cfg: dict) -> nn.Module:
     return model
 
 
+def _module(model: nn.Module, name: str, where: str) -> nn.Module:
+    """``model.get_submodule(name)``, or a :class:`CheckpointError` naming the config entry ``where``."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{where}: the {type(model).__name__} architecture has no module {name!r}") from None
+
+
 def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) -> None:
     for name, meta in layers.items():
         where = f"quantization_config.layers[{name!r}]"
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{where}: the {type(model).__name__} architecture has no module {name!r}") from None
+        old = _module(model, name, where)
         if not isinstance(old, nn.Linear):
             raise CheckpointError(f"{where}: {name!r} is a {type(old).__name__}, not a Linear")
         if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
@@ -511,13 +516,10 @@ def _install_online(model: nn.Module, online: Any) -> None:
             raise CheckpointError(f"quantization_config.online.{section}: must be an object, got {type(entries).__name__}")
         for name, cfg in entries.items():
             where = f"quantization_config.online.{section}[{name!r}]"
-            try:
-                mod = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"{where}: the {type(model).__name__} architecture has no module {name!r}") from None
+            mod = _module(model, name, where)
             try:
                 if section == "inputs":
-                    if not isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear):
+                    if not isinstance(mod, (nn.Linear, QuantLinear)):
                         raise CheckpointError(f"{where}: {name!r} is a {type(mod).__name__}, not a linear")
                     attach_input_transform(mod, InputTransform.from_config(cfg))
                 else:

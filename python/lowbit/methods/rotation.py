@@ -98,7 +98,7 @@ def check_rotatable(model: nn.Module, adapter: Optional[Adapter] = None) -> Adap
     return adapter
 
 
-def _untie_lm_head(model: nn.Module, adapter: Adapter) -> None:
+def _untie_lm_head(model: Any, adapter: Adapter) -> None:
     head, emb = adapter.lm_head(model), adapter.embeddings(model)
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
@@ -112,13 +112,13 @@ def _untie_lm_head(model: nn.Module, adapter: Adapter) -> None:
 
 
 @torch.no_grad()
-def _set_weight(lin: nn.Module, w64: torch.Tensor, name: str = "weight") -> None:
+def _set_weight(lin: Any, w64: torch.Tensor, name: str = "weight") -> None:
     p = getattr(lin, name)
     p.data = w64.to(dtype=p.dtype, device=p.device).contiguous()
 
 
 @torch.no_grad()
-def _fold(norm: nn.Module, linears: list) -> None:
+def _fold(norm: Any, linears: list) -> None:
     g = norm.weight.detach().double()
     for lin in linears:
         _set_weight(lin, lin.weight.detach().double() * g)
@@ -134,6 +134,7 @@ def fuse_norms(model: nn.Module, adapter: Optional[Adapter] = None) -> None:
     """
     adapter = check_rotatable(model, adapter)
     _untie_lm_head(model, adapter)
+    layer: Any
     for layer in adapter.decoder_layers(model):
         attn, mlp = adapter.attention(layer), layer.mlp
         _fold(adapter.attn_norm(layer), [attn.q_proj, attn.k_proj, attn.v_proj])
@@ -162,12 +163,13 @@ def apply_rotations(model: nn.Module, rot: Rotations, adapter: Optional[Adapter]
     if r2s and len(r2s) != len(layers):
         raise ShapeError(f"r2: {len(r2s)} matrices for {len(layers)} layers")
 
-    emb = adapter.embeddings(model)
+    emb: Any = adapter.embeddings(model)
     _set_weight(emb, emb.weight.detach().double() @ r1)
-    head = adapter.lm_head(model)
+    head: Any = adapter.lm_head(model)
     _set_weight(head, head.weight.detach().double() @ r1)
     h_down = _hadamard64(d.intermediate) if rot.online_down else None
 
+    layer: Any
     for li, layer in enumerate(layers):
         attn, mlp = adapter.attention(layer), layer.mlp
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
@@ -196,6 +198,7 @@ def install_online(model: nn.Module, *, online_qk: bool, online_down: bool, adap
 
     adapter = adapter or get_adapter(model)
     rotary = adapter.rotary(model)
+    layer: Any
     for layer in adapter.decoder_layers(model):
         attn = adapter.attention(layer)
         if online_qk:

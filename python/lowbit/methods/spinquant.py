@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -75,6 +75,7 @@ class CayleySGD(torch.optim.Optimizer):
                 w = w_hat - w_hat.T
                 m.copy_(w @ x)
                 alpha = min(lr, 2.0 * q / (float(w.norm()) + 1e-8))
+                state["last"] = (float(g.norm()), float(w.norm()), alpha)
                 eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
                 x.copy_(torch.linalg.solve(eye - 0.5 * alpha * w, (eye + 0.5 * alpha * w) @ x))
                 p.copy_(x.to(p.dtype))
@@ -83,11 +84,13 @@ class CayleySGD(torch.optim.Optimizer):
 
 @dataclass
 class SpinQuantResult:
-    """The learned rotations and the loss curve (``losses[i]`` = loss of step ``i``)."""
+    """The learned rotations, the training loss per step, and ``(step, held-out loss)`` pairs
+    (step 0 = the initial QuaRot rotation); ``rotations`` are those of the lowest held-out loss."""
 
     rotations: Rotations
     losses: list
     seconds: float
+    val_losses: list = field(default_factory=list)
 
 
 def _per_head(x: torch.Tensor, r: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -102,14 +105,15 @@ def learn_rotations(
     act: Optional[dict] = None,
     kv: Optional[dict] = None,
     steps: int = 100,
-    lr: float = 1.5,
+    lr: float = 0.1,
     momentum: float = 0.9,
     seqlen: int = 256,
     batch_size: int = 1,
     seed: int = 0,
     online_qk: bool = True,
     online_down: bool = True,
-    autocast_dtype: Optional[torch.dtype] = None,
+    val_rows: int = 8,
+    eval_every: int = 10,
     adapter: Optional[Adapter] = None,
     progress: bool = False,
 ) -> SpinQuantResult:
@@ -123,12 +127,15 @@ def learn_rotations(
         act: :class:`~lowbit.nn.ActQuantizer` config of the activations (``None``: 4-bit sym, clip 0.9).
         kv: :class:`~lowbit.nn.kv_quant.KVQuantizer` config (``"uniform"`` method) to fake-quantize
             the KV cache during learning, or ``None``.
-        steps, lr, momentum: Cayley SGD.
+        steps, lr, momentum: Cayley SGD, the step size decaying from ``lr`` to 0 on a cosine.
         online_qk, online_down: whether R3/R4 will be used (they are fixed Hadamards, present in the
             learning forward as in the final model).
-        autocast_dtype: run the forward/backward under ``torch.autocast`` in this dtype
-            (``torch.bfloat16`` is ~3× faster on CPUs with AMX); the rotations and the optimiser
-            stay in float32/float64.
+        val_rows, eval_every: the last ``val_rows`` rows of ``calib`` (their first ``seqlen`` tokens)
+            are held out; the quantized network's loss on them is measured before learning and
+            every ``eval_every`` steps, and the rotations with the lowest held-out loss are
+            returned — the quantized loss is a rugged function of the rotation (rounding), so the
+            last iterate is not always the best one, and the initial QuaRot rotation competes too.
+            No hold-out when ``calib`` has ``val_rows`` rows or fewer (the last iterate is returned).
 
     Returns:
         :class:`SpinQuantResult` with float64 rotations ready for
@@ -157,6 +164,7 @@ def learn_rotations(
     def sandwich_r1(_m, _inp, out):
         return quant(out @ r1) @ r1.T
 
+    layer: Any
     try:
         for li, layer in enumerate(layers):
             attn, mlp, r2 = adapter.attention(layer), layer.mlp, r2s[li]
@@ -184,8 +192,25 @@ def learn_rotations(
                 kvq = KVQuantizer(d.n_kv_heads, d.head_dim, **kv) if kv is not None else None
                 install_attention(attn, rotary=adapter.rotary(model), rotate_qk=online_qk, kv=kvq)
 
-        opt = CayleySGD([r1, *r2s], lr=lr, momentum=momentum)
+        params = [r1, *r2s]
+        opt = CayleySGD(params, lr=lr, momentum=momentum)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))  # as SpinQuant's trainer
         gen = torch.Generator().manual_seed(int(seed))
+        n_train = calib.shape[0] - val_rows if 0 < val_rows < calib.shape[0] else calib.shape[0]
+        val_ids = calib[n_train:, :seqlen] if n_train < calib.shape[0] else None
+
+        def held_out_loss(ids: torch.Tensor) -> float:
+            with torch.no_grad():
+                total = 0.0
+                for i in range(ids.shape[0]):
+                    total += float(model(ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss)
+                return total / ids.shape[0]
+
+        val_losses: list = []
+        best: Optional[tuple[float, list]] = None
+        if val_ids is not None:
+            val_losses.append((0, held_out_loss(val_ids)))
+            best = (val_losses[-1][1], [p.detach().double().clone() for p in params])
         losses = []
         t0 = time.perf_counter()
         was_training = model.training
@@ -196,15 +221,23 @@ def learn_rotations(
 
             bar = tqdm(total=steps, desc="spinquant", unit="step")
         for step in range(steps):
-            rows = torch.randint(0, calib.shape[0], (batch_size,), generator=gen)
+            rows = torch.randint(0, n_train, (batch_size,), generator=gen)
             start = int(torch.randint(0, calib.shape[1] - seqlen + 1, (1,), generator=gen))
             ids = calib[rows, start : start + seqlen]
             opt.zero_grad(set_to_none=True)
-            with torch.enable_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with torch.enable_grad():
                 loss = model(ids, labels=ids, use_cache=False).loss
                 loss.backward()
             opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
+            if log.isEnabledFor(logging.DEBUG):
+                g, w, a = opt.state[r1]["last"]
+                log.debug("step %d loss %.4f |G1| %.3g |W1| %.3g alpha %.3g", step, losses[-1], g, w, a)
+            if val_ids is not None and ((step + 1) % max(1, eval_every) == 0 or step + 1 == steps):
+                val_losses.append((step + 1, held_out_loss(val_ids)))
+                if best is None or val_losses[-1][1] < best[0]:
+                    best = (val_losses[-1][1], [opt.state[p]["x"].clone() for p in params])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {losses[-1]:.3f}")
@@ -225,16 +258,19 @@ def learn_rotations(
                 if cfg is not None:
                     install_from_config(attn, cfg, adapter.rotary(model))
 
-    final = lambda p: opt.state[p]["x"].clone() if p in opt.state else p.detach().double().clone()  # noqa: E731
+    if best is not None:
+        chosen = best[1]
+    else:
+        chosen = [opt.state[p]["x"].clone() if p in opt.state else p.detach().double().clone() for p in params]
     rot = Rotations(
-        r1=final(r1),
-        r2=[final(r) for r in r2s],
+        r1=chosen[0],
+        r2=chosen[1:],
         online_qk=online_qk,
         online_down=online_down,
         source="spinquant",
     )
     log.info("spinquant: %d steps in %.1f s, loss %.4f -> %.4f", steps, seconds, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
-    return SpinQuantResult(rot, losses, seconds)
+    return SpinQuantResult(rot, losses, seconds, val_losses)
 
 
 def spinquant(

@@ -82,15 +82,15 @@ class Adapter:
         """The rotary position embedding module shared by all layers."""
         return model.model.rotary_emb
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: Any) -> Any:
         """A decoder layer's self-attention module (holds q/k/v/o_proj)."""
         return layer.self_attn
 
-    def attn_norm(self, layer: nn.Module) -> nn.Module:
+    def attn_norm(self, layer: Any) -> Any:
         """The norm whose output feeds q/k/v."""
         return layer.input_layernorm
 
-    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+    def mlp_norm(self, layer: Any) -> Any:
         """The norm whose output feeds gate/up."""
         return layer.post_attention_layernorm
 

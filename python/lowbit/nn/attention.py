@@ -321,12 +321,12 @@ def install_from_config(attn: nn.Module, cfg: Optional[dict], rotary: nn.Module)
     return install_attention(attn, rotary=rotary, rotate_qk=bool(cfg.get("rotate_qk", False)), kv=kv)
 
 
-def install_model_attention(model: nn.Module, *, rotate_qk: bool = False, kv: Optional[dict] = None) -> list[nn.Module]:
+def install_model_attention(model: nn.Module, *, rotate_qk: Optional[bool] = False, kv: Optional[dict] = None) -> list[nn.Module]:
     """Install the lowbit attention in every decoder layer of ``model``.
 
     Args:
         model: a causal LM with an adapter.
-        rotate_qk: R3 in every layer.
+        rotate_qk: R3 in every layer; ``None`` keeps each layer's current setting (False if none).
         kv: :class:`KVQuantizer` keyword arguments without ``num_kv_heads``/``head_dim`` (taken
             from each attention), e.g. ``{"bits": 4, "method": "kvquant"}``; ``None`` = no KV
             quantization.
@@ -346,7 +346,8 @@ def install_model_attention(model: nn.Module, *, rotate_qk: bool = False, kv: Op
             if not isinstance(kv, dict) or {"num_kv_heads", "head_dim"} & set(kv):
                 raise ValueRangeError(f"kv: a dict of KVQuantizer options without num_kv_heads/head_dim, got {kv!r}")
             q = KVQuantizer(int(attn.config.num_key_value_heads), int(attn.head_dim), **kv)
-        out.append(install_attention(attn, rotary=rotary, rotate_qk=rotate_qk, kv=q))
+        r3 = bool(getattr(attn, "lowbit_rotate_qk", False)) if rotate_qk is None else rotate_qk
+        out.append(install_attention(attn, rotary=rotary, rotate_qk=r3, kv=q))
     return out
 
 

@@ -171,7 +171,7 @@ class InputTransform(nn.Module):
         return x
 
 
-def _pre_hook(module: nn.Module, args: tuple) -> tuple:
+def _pre_hook(module: Any, args: tuple) -> tuple:
     return (module.lowbit_input(args[0]),) + tuple(args[1:])
 
 
@@ -180,7 +180,7 @@ def _handles_itself(module: nn.Module) -> bool:
     return bool(getattr(type(module), "handles_input_transform", False))
 
 
-def attach_input_transform(linear: nn.Module, transform: Optional[InputTransform]) -> None:
+def attach_input_transform(linear: Any, transform: Optional[InputTransform]) -> None:
     """Make ``linear`` apply ``transform`` to its input (replacing any earlier one); ``None`` removes it.
 
     The transform is registered as the child module ``lowbit_input`` (it holds no tensors, so the
