@@ -8,6 +8,8 @@ array type, dtype, layout and device.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,7 +102,7 @@ def to_rows(
         a = np.moveaxis(a, ax, -1)
     restore.lead_shape = a.shape[:-1]
     a = np.ascontiguousarray(a, dtype=target)
-    return a.reshape(int(np.prod(a.shape[:-1], dtype=np.int64)), a.shape[-1]), restore
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1]), restore
 
 
 def float_dtype(dtype: np.dtype) -> np.dtype | None:
@@ -141,4 +143,4 @@ def out_rows(out: Any, shape: tuple, dtype: np.dtype, arg: str = "out") -> np.nd
         raise DTypeError(f"{arg}: must have dtype {np.dtype(dtype)}, got {a.dtype}")
     if tuple(a.shape) != tuple(shape):
         raise ShapeError(f"{arg}: must have shape {tuple(shape)}, got {tuple(a.shape)}")
-    return a.reshape(int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+    return a.reshape(math.prod(shape[:-1]), shape[-1])

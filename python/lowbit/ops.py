@@ -184,11 +184,12 @@ def hadamard(
     """
     rows, restore = to_rows(x, "x", axis, float_dtype)
     n = rows.shape[1]
-    plan = hadamard_plan(n, strict=strict, perm_seed=perm_seed)
     s = None if signs is None else _signs_array(signs, n)
     perm = None
-    if plan.perm_seed is not None:
-        perm = _core.random_permutation(n, plan.perm_seed).astype(np.intp)
+    if perm_seed is not None:  # the plan matters only for the permutation of a fallback size
+        plan = hadamard_plan(n, strict=strict, perm_seed=perm_seed)
+        if plan.perm_seed is not None:
+            perm = _core.random_permutation(n, plan.perm_seed).astype(np.intp)
     fn = _core.hadamard_f64 if rows.dtype == np.float64 else _core.hadamard_f32
     if out is not None:
         return _hadamard_into(x, rows, restore, out, normalize, inverse, strict, s, perm, perm_seed)

@@ -163,7 +163,7 @@ def lowbit_attention_forward(
         kv = None
     rotate = bool(getattr(self, "lowbit_rotate_qk", False))
     if rotate:
-        query_states = online_hadamard(query_states)
+        query_states = online_hadamard(query_states, inplace=True)
     packed = isinstance(cache, QuantizedKVCache) and isinstance(cache.layers[self.layer_idx], QuantizedKVLayer)
 
     if kv is None:
@@ -172,14 +172,14 @@ def lowbit_attention_forward(
                 f"cache: layer {self.layer_idx} of the QuantizedKVCache quantizes, but this attention has no "
                 "enabled lowbit_kv quantizer (build the cache after install_attention, outside calibration)"
             )
-        key_states = online_hadamard(rope_keys) if rotate else rope_keys
+        key_states = online_hadamard(rope_keys, inplace=True) if rotate else rope_keys
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
     else:
         B, S = key_states.shape[0], key_states.shape[2]
         positions = _positions(kwargs.get("position_ids"), cache, self.layer_idx, B, S, key_states.device)
         if kv.method == "uniform":
-            key_states = online_hadamard(rope_keys) if rotate else rope_keys
+            key_states = online_hadamard(rope_keys, inplace=True) if rotate else rope_keys
             if packed:
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx, positions=positions)
             else:
@@ -201,7 +201,7 @@ def lowbit_attention_forward(
             cos_k, sin_k = rotary(value_states, position_ids=key_positions)
             key_states = apply_rope(key_states, cos_k, sin_k)
             if rotate:
-                key_states = online_hadamard(key_states)
+                key_states = online_hadamard(key_states, inplace=True)
             if not packed and cache is not None:
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 

@@ -29,28 +29,53 @@ __all__ = [
 ]
 
 
+def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.Tensor:
+    """The transform of the last axis without copying a strided input first.
+
+    Attention hands over ``(batch, heads, seq, head_dim)`` views of ``(batch, seq, heads, head_dim)``
+    memory; any such tensor whose leading axes can be permuted into a C-contiguous one is
+    transformed in that order and permuted back (the result keeps the input's layout). With
+    ``inplace`` (float32 only) the input's memory is overwritten instead of allocating: fresh
+    output memory costs more than the transform itself on small CPUs (page faults).
+    """
+    from ..ops import hadamard
+
+    x = x.detach()
+    xp, back = x, None
+    if x.dim() > 2 and x.stride(-1) == 1 and not x.is_contiguous():
+        lead = sorted(range(x.dim() - 1), key=lambda d: x.stride(d), reverse=True)
+        perm = [*lead, x.dim() - 1]
+        if x.permute(perm).is_contiguous():
+            xp, back = x.permute(perm), [perm.index(d) for d in range(x.dim())]
+    if not xp.is_contiguous():
+        xp, back, inplace = x.contiguous(), None, True  # a copy of our own: transform it in place
+    if inplace and xp.dtype == torch.float32 and xp.device.type == "cpu":
+        y = hadamard(xp, axis=-1, inverse=inverse, out=xp)
+    else:
+        y = hadamard(xp, axis=-1, inverse=inverse)
+    return y.permute(back) if back is not None else y
+
+
 class _HadamardFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, inverse: bool) -> torch.Tensor:  # type: ignore[override]
-        from ..ops import hadamard
-
         ctx.inverse = inverse
-        return hadamard(x.detach().contiguous(), axis=-1, inverse=inverse)
+        return _fwht_last(x, inverse)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        from ..ops import hadamard
-
         # y = x·M with M orthogonal  =>  dL/dx = g·Mᵀ = the opposite-direction transform of g
-        return hadamard(g.contiguous(), axis=-1, inverse=not ctx.inverse), None
+        return _fwht_last(g, not ctx.inverse), None
 
 
-def online_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def online_hadamard(x: torch.Tensor, inverse: bool = False, *, inplace: bool = False) -> torch.Tensor:
     """Orthonormal Hadamard transform of the last axis of ``x`` (any leading shape), differentiable.
 
     Args:
         x: float tensor ``(..., n)``; fp16/bf16 are computed in fp32 and returned in their dtype.
         inverse: apply ``Hᵀ`` instead of ``H`` (the same for exact sizes, whose matrices are symmetric).
+        inplace: overwrite ``x`` (CPU float32 without autograd; otherwise ignored) — for temporaries
+            the caller owns, such as the queries/keys inside attention.
 
     Returns:
         ``x @ lowbit.hadamard_matrix(n)`` (or ``@ Hᵀ``), same shape, dtype and device.
@@ -59,9 +84,7 @@ def online_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         raise ShapeError(f"x: online_hadamard takes a float torch tensor, got {type(x).__name__}")
     if x.requires_grad and torch.is_grad_enabled():
         return _HadamardFn.apply(x, inverse)
-    from ..ops import hadamard
-
-    return hadamard(x.contiguous(), axis=-1, inverse=inverse)
+    return _fwht_last(x, inverse, inplace)
 
 
 class ActQuantizer(nn.Module):

@@ -214,6 +214,9 @@ struct BlockOp<T> {
     tables: Option<&'static MixTables>,
 }
 
+/// Fewest elements (4 MB of f32) a transform call spreads over the thread pool.
+pub const PAR_MIN_ELEMS: usize = 1 << 20;
+
 /// A prepared transform of length `n`: plan, scales and base tables, reusable across calls.
 pub struct Hadamard<T: Real> {
     plan: Plan,
@@ -362,7 +365,10 @@ impl<T: Real> Hadamard<T> {
     }
 
     /// Transform the rows of `dst` (first copied from `src` when given), ~256 KB per rayon task
-    /// so the overhead is negligible and each task's rows stay in cache.
+    /// so the overhead is negligible and each task's rows stay in cache. Inputs under
+    /// [`PAR_MIN_ELEMS`] run on the calling thread: waking the pool for them gains little, and
+    /// its spinning workers then slow the caller's next operations (torch's OpenMP threads, when
+    /// a model applies online Hadamards between matmuls).
     fn run(&self, dst: &mut [T], src: Option<&[T]>) {
         let n = self.plan.n;
         if n == 0 || dst.is_empty() {
@@ -380,6 +386,11 @@ impl<T: Real> Hadamard<T> {
         };
         if dst.len() <= chunk {
             one(0, dst, &mut vec![T::ZERO; scratch_len]);
+        } else if dst.len() < PAR_MIN_ELEMS {
+            let mut scratch = vec![T::ZERO; scratch_len];
+            for (i, d) in dst.chunks_mut(chunk).enumerate() {
+                one(i, d, &mut scratch);
+            }
         } else {
             crate::threads::install(|| {
                 dst.par_chunks_mut(chunk).enumerate().for_each_init(
@@ -512,5 +523,25 @@ mod tests {
         x[3] = f32::NAN;
         h.apply_rows(&mut x).unwrap();
         assert!(x.iter().all(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn batches_give_the_rows_own_transforms_on_every_path() {
+        // one task, several tasks on the calling thread, and the thread pool
+        let n = 1536;
+        let h = Hadamard::<f32>::new(plan(n).unwrap(), true, false, None).unwrap();
+        for rows in [4, 300, PAR_MIN_ELEMS / n + 3] {
+            let x: Vec<f32> = (0..rows * n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let mut batch = x.clone();
+            h.apply_rows(&mut batch).unwrap();
+            let mut out = vec![0.0f32; x.len()];
+            h.apply_rows_into(&x, &mut out).unwrap();
+            for (r, src) in x.chunks_exact(n).enumerate().step_by(97) {
+                let mut one = src.to_vec();
+                h.apply_rows(&mut one).unwrap();
+                assert_eq!(&batch[r * n..(r + 1) * n], &one[..], "rows = {rows}, row {r}");
+                assert_eq!(&out[r * n..(r + 1) * n], &one[..], "rows = {rows}, row {r} (into)");
+            }
+        }
     }
 }
