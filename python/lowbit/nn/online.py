@@ -49,8 +49,17 @@ def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.T
             xp, back = x.permute(perm), [perm.index(d) for d in range(x.dim())]
     if not xp.is_contiguous():
         xp, back, inplace = x.contiguous(), None, True  # a copy of our own: transform it in place
-    if inplace and xp.dtype == torch.float32 and xp.device.type == "cpu":
-        y = hadamard(xp, axis=-1, inverse=inverse, out=xp)
+    if xp.dtype == torch.float32 and xp.device.type == "cpu" and xp.numel():
+        # the hot path (every token of every layer): straight to the core, no generic array plumbing
+        from .. import _core
+
+        n = xp.shape[-1]
+        rows = xp.numpy().reshape(-1, n)
+        if inplace:
+            _core.hadamard_inplace_f32(rows, True, inverse)
+            y = xp
+        else:
+            y = torch.from_numpy(_core.hadamard_f32(rows, True, inverse)).reshape(xp.shape)
     else:
         y = hadamard(xp, axis=-1, inverse=inverse)
     return y.permute(back) if back is not None else y
