@@ -211,7 +211,7 @@ def quantize(
             _attach_act_quant(model, adapter, recipe.activation)
         if recipe.kv is not None:
             t = time.perf_counter()
-            _install_kv(model, adapter, recipe.kv, calib, batch_size)
+            _install_kv(model, adapter, recipe.kv, calib)
             report.stage_seconds["kv"] = time.perf_counter() - t
     finally:
         model.train(was_training)
@@ -245,24 +245,18 @@ def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress
             log.warning("rotation %s has no exact Hadamard: using the %s", name, plan)
 
 
-def _decoder_linears(model, adapter):
-    prefix = _layer_prefix(model, adapter.decoder_layers(model))
-    for li, layer in enumerate(adapter.decoder_layers(model)):
-        for group in adapter.groups:
-            for name in group:
-                yield f"{prefix}.{li}.{name}", layer.get_submodule(name)
-
-
 def _attach_act_quant(model, adapter, step: ActQuant) -> None:
-    """Give every decoder linear a per-token activation quantizer (after any online Hadamard)."""
+    """Give every decoder linear (dense or already quantized) a per-token activation quantizer,
+    after its online Hadamard if it has one."""
     from .nn.online import InputTransform, attach_input_transform, input_transform_of
 
-    for _, lin in _decoder_linears(model, adapter):
-        old = input_transform_of(lin)
-        attach_input_transform(lin, InputTransform(hadamard=old is not None and old.hadamard, act=step.quantizer_config()))
+    for layer in adapter.decoder_layers(model):
+        for lin in (layer.get_submodule(name) for group in adapter.groups for name in group):
+            old = input_transform_of(lin)
+            attach_input_transform(lin, InputTransform(hadamard=old is not None and old.hadamard, act=step.quantizer_config()))
 
 
-def _install_kv(model, adapter, step: KVQuant, calib, batch_size: int) -> None:
+def _install_kv(model, adapter, step: KVQuant, calib) -> None:
     """Put a KV quantizer in every attention (keeping its R3 setting); calibrate KVQuant's."""
     from .nn.attention import install_model_attention
 
