@@ -12,6 +12,7 @@ from lowbit.methods.rotation import Rotations, apply_rotations, fuse_norms, hada
 from lowbit.methods.spinquant import CayleySGD, learn_rotations
 from lowbit.models.tiny import TINY_ARCHS, random_ids, tiny_model
 from lowbit.nn import ActQuantizer, InputTransform, QuantLinear, attach_input_transform, online_hadamard
+from lowbit.nn.attention import attention_config
 
 
 
@@ -55,8 +56,6 @@ def test_quarot_is_exact_in_full_precision(arch, tied):
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     # the norms now carry no scale, and R3 / R4 are attached
     assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones(64))
-    from lowbit.nn.attention import attention_config
-
     assert attention_config(model.model.layers[0].self_attn)["rotate_qk"] is True
     assert model.model.layers[0].mlp.down_proj.lowbit_input.hadamard
     assert rot.source == "quarot"
@@ -254,3 +253,19 @@ def test_spinquant_keeps_the_rotation_with_the_lowest_held_out_loss():
     # without a hold-out (too few rows) the last iterate is returned and nothing is measured
     res = learn_rotations(model, calib[:2], steps=2, lr=1.5, seqlen=32, val_rows=2, seed=1)
     assert res.val_losses == [] and not torch.allclose(res.rotations.r1, init, atol=1e-6)
+
+
+def test_spinquant_learning_restores_a_calibrated_kv_quantizer():
+    from lowbit.nn.attention import install_model_attention
+    from lowbit.methods.kvquant import calibrate_kv
+
+    model = tiny_model("llama", seed=6)
+    fuse_norms(model)
+    install_model_attention(model, kv={"bits": 4, "method": "kvquant"})
+    calibrate_kv(model, random_ids(2, 32, seed=7), fisher=False)
+    kv = model.model.layers[0].self_attn.lowbit_kv
+    before = {k: v.clone() for k, v in kv.state_dict().items()}
+    learn_rotations(model, random_ids(2, 32, seed=8), steps=1, seqlen=32, val_rows=0)
+    attn = model.model.layers[0].self_attn
+    assert attn.lowbit_kv is kv and attention_config(attn)["rotate_qk"] is False
+    assert all(torch.equal(kv.state_dict()[k], v) for k, v in before.items())

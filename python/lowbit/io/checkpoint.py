@@ -185,6 +185,7 @@ def _config_json(model: nn.Module, quantization_config: dict) -> dict:
 def _online_config(model: nn.Module) -> dict:
     """``{"inputs": {linear: InputTransform config}, "attention": {attn: attention config}}`` of the
     online transforms (Hadamards, activation and KV quantizers) attached to ``model``; ``{}`` if none."""
+    from ..nn.attention import attention_config, is_installed
     from ..nn.online import input_transform_of
 
     inputs, attention = {}, {}
@@ -192,12 +193,8 @@ def _online_config(model: nn.Module) -> dict:
         t = input_transform_of(mod)
         if t is not None:
             inputs[name] = t.config()
-        if "lowbit_rotate_qk" in mod.__dict__:
-            from ..nn.attention import attention_config
-
-            cfg = attention_config(mod)
-            if cfg is not None:
-                attention[name] = cfg
+        if is_installed(mod):
+            attention[name] = attention_config(mod)
     out = {}
     if inputs:
         out["inputs"] = inputs

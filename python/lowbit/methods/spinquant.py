@@ -141,6 +141,8 @@ def learn_rotations(
         :class:`SpinQuantResult` with float64 rotations ready for
         :func:`~lowbit.methods.rotation.apply_rotations`.
     """
+    from ..nn.attention import install_attention, is_installed, uninstall_attention
+    from ..nn.kv_quant import KVQuantizer
     from ..nn.online import ActQuantizer, online_hadamard
 
     adapter = check_rotatable(model, adapter)
@@ -185,10 +187,8 @@ def learn_rotations(
             else:
                 hooks.append(mlp.down_proj.register_forward_pre_hook(lambda m, args: (quant(args[0]),) + tuple(args[1:])))
             if online_qk or kv is not None:
-                from ..nn.attention import attention_config, install_attention, uninstall_attention
-                from ..nn.kv_quant import KVQuantizer
-
-                saved_attn.append((attn, attention_config(attn)))
+                # the attention's own state, restored as is afterwards (a calibrated quantizer included)
+                saved_attn.append((attn, is_installed(attn), bool(getattr(attn, "lowbit_rotate_qk", False)), attn._modules.get("lowbit_kv")))
                 kvq = KVQuantizer(d.n_kv_heads, d.head_dim, **kv) if kv is not None else None
                 install_attention(attn, rotary=adapter.rotary(model), rotate_qk=online_qk, kv=kvq)
 
@@ -250,13 +250,10 @@ def learn_rotations(
             h.remove()
         for p, req in frozen:
             p.requires_grad_(req)
-        if saved_attn:
-            from ..nn.attention import install_from_config, uninstall_attention
-
-            for attn, cfg in saved_attn:
-                uninstall_attention(attn)
-                if cfg is not None:
-                    install_from_config(attn, cfg, adapter.rotary(model))
+        for attn, was_installed, rotate_qk, old_kv in saved_attn:
+            uninstall_attention(attn)
+            if was_installed:
+                install_attention(attn, rotary=adapter.rotary(model), rotate_qk=rotate_qk, kv=old_kv)
 
     if best is not None:
         chosen = best[1]
