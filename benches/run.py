@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """lowbit benchmark suite: lowbit beside its peers, one table (DESIGN.md §6).
 
-    python benches/run.py [--quick] [--threads N] [--json PATH] [--only hadamard|pack]
+    python benches/run.py [--quick] [--threads N] [--json PATH] [--only hadamard|pack|vq]
 
 See benches/README.md for what each row and column means. Peers that are not installed are listed as
 "not installed"; every peer is checked against lowbit on a small input before it is timed, and a peer that
@@ -492,6 +492,7 @@ def machine_info(args, call_overhead_s: float) -> dict:
         "scipy": _version("scipy") if scipy_linalg is not None else None,
         "gguf": _version("gguf") if gguf_quants is not None else None,
         "ffht-unofficial": _version("ffht-unofficial") if ffht is not None else None,
+        "faiss-cpu": _version("faiss-cpu"),
         "lowbit": getattr(lowbit, "__version__", None),
         "blas_thread_control": bool(_BLAS_SETTERS),
         "lowbit_call_overhead_s": call_overhead_s,
@@ -522,6 +523,7 @@ def machine_header(m: dict) -> str:
             ),
             f"python {m['python']}, numpy {m['numpy']}, scipy {m['scipy'] or 'not installed'}, "
             f"gguf {m['gguf'] or 'not installed'}, ffht-unofficial {m['ffht-unofficial'] or 'not installed'}, "
+            f"faiss-cpu {m.get('faiss-cpu') or 'not installed'}, "
             f"lowbit {m['lowbit']}",
             f"lowbit._core.hadamard_f32 call overhead (1×16 input, out=): {fmt_time(m['lowbit_call_overhead_s'])} "
             "(included in per-vector times, divided by the batch rows)",
@@ -1073,7 +1075,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller arrays and fewer samples (~1 minute)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the multi-thread batch rows (default: all cores)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows as JSON here (default: benches/results/<date>-<cpu>.json and .md)")
-    ap.add_argument("--only", choices=["hadamard", "pack"], default=None)
+    ap.add_argument("--only", choices=["hadamard", "pack", "vq"], default=None)
     args = ap.parse_args(argv)
 
     DEFAULT_LOWBIT_THREADS = lowbit.get_num_threads()
@@ -1098,6 +1100,10 @@ def main(argv=None) -> int:
             bench_hadamard(args, timer, rng, groups)
         if args.only in (None, "pack"):
             bench_pack(args, timer, rng, groups)
+        if args.only in (None, "vq"):
+            import vq as vq_bench  # benches/vq.py: k-means, assignment, E8P beside faiss-cpu
+
+            vq_bench.bench_vq(args, timer, rng, groups, sys.modules[__name__])
     finally:
         lowbit.set_num_threads(DEFAULT_LOWBIT_THREADS)
         set_blas_threads(os.cpu_count() or 1)

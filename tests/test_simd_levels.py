@@ -30,6 +30,15 @@ for form in ["base3", "2bit"]:
     p = lowbit.pack_ternary(v, form)
     out[form] = p.tolist()
     assert (lowbit.unpack_ternary(p, 777, form) == v).all()
+from lowbit import vq
+xv = rng.standard_normal((777, 8)).astype(np.float32)
+codes = vq.e8p_encode(xv)
+out["e8p"] = codes.tolist()
+out["e8pdec"] = vq.e8p_decode(codes, row_scale=None).tolist()
+out["e8prow"] = vq.e8p_decode(codes.reshape(7, 111), row_scale=np.arange(1, 8, dtype=np.float32)).tolist()
+out["assign"] = vq.assign(xv, xv[:256]).tolist()
+out["assign_w"] = vq.assign(xv, xv[:37], weights=rng.uniform(0, 1, size=(777, 8))).tolist()
+out["kmeans"] = vq.kmeans(xv, 16, iters=3).assignments.tolist()
 json.dump(out, sys.stdout)
 """
 

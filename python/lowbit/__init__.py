@@ -51,18 +51,21 @@ _LAZY = {
     "load_with_tokenizer": ("lowbit.io", "load_with_tokenizer"),
     "Recipe": ("lowbit.recipe", "Recipe"),
     "WeightQuant": ("lowbit.recipe", "WeightQuant"),
+    "VectorQuant": ("lowbit.recipe", "VectorQuant"),
     "Rotate": ("lowbit.recipe", "Rotate"),
     "ActQuant": ("lowbit.recipe", "ActQuant"),
     "KVQuant": ("lowbit.recipe", "KVQuant"),
     "QuantizedKVCache": ("lowbit.nn.kv_cache", "QuantizedKVCache"),
     "PRESETS": ("lowbit.recipe", "PRESETS"),
     "QuantLinear": ("lowbit.nn", "QuantLinear"),
+    "VQLinear": ("lowbit.nn", "VQLinear"),
     "data": ("lowbit.data", None),
     "eval": ("lowbit.eval", None),
     "nn": ("lowbit.nn", None),
     "io": ("lowbit.io", None),
     "models": ("lowbit.models", None),
     "recipe": ("lowbit.recipe", None),
+    "vq": ("lowbit.vq", None),
 }
 
 

@@ -5,7 +5,7 @@
 
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyUntypedArrayMethods,
+    PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::hadamard::{self, Hadamard};
 use crate::pack::{self as core_pack, TernaryForm};
 use crate::real::Real;
+use crate::vq::{self, e8p, Weights};
 
 /// Map a core error to its `lowbit.errors` class (imported lazily, so the classes live — and
 /// pickle — under their real module path).
@@ -410,6 +411,234 @@ fn unpack_ternary<'py>(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Vector quantization
+
+fn contiguous1<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    arg: &'static str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| {
+        Python::attach(|py| {
+            to_pyerr(
+                py,
+                Error::Shape {
+                    arg,
+                    detail: "must be C-contiguous".into(),
+                },
+            )
+        })
+    })
+}
+
+/// The weights argument of the VQ bindings: `(n,)` per vector, `(1, d)` per dimension, `(n, d)`
+/// per element (float32, C-contiguous).
+fn vq_weights<'a>(
+    py: Python<'_>,
+    w: &'a Option<PyReadonlyArrayDyn<'_, f32>>,
+    n: usize,
+    d: usize,
+) -> PyResult<Weights<'a>> {
+    let Some(w) = w else {
+        return Ok(Weights::None);
+    };
+    let shape = w.shape().to_vec();
+    let s = w.as_slice().map_err(|_| {
+        to_pyerr(
+            py,
+            Error::Shape {
+                arg: "weights",
+                detail: "must be C-contiguous".into(),
+            },
+        )
+    })?;
+    match shape.as_slice() {
+        [m] if *m == n => Ok(Weights::PerPoint(s)),
+        [1, m] if *m == d => Ok(Weights::PerDim(s)),
+        [r, m] if *r == n && *m == d => Ok(Weights::PerElement(s)),
+        _ => Err(to_pyerr(
+            py,
+            Error::Shape {
+                arg: "weights",
+                detail: format!(
+                    "has shape {shape:?}; use ({n},) per vector, (1, {d}) per dimension or ({n}, {d}) per element"
+                ),
+            },
+        )),
+    }
+}
+
+/// `(centroids, assignments, inertia)` of [`vq_kmeans`].
+type KMeansArrays<'py> = (
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<u32>>,
+    Bound<'py, PyArray1<f64>>,
+);
+
+/// k-means of the rows of a float32 (n, d) array: (centroids float32 (k, d), assignments uint32
+/// (n,), inertia float64 (iters + 1,)); see `lowbit.vq.kmeans`.
+#[pyfunction]
+#[pyo3(signature = (x, k, iters=10, seed=0, weights=None, init=None))]
+fn vq_kmeans<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    k: usize,
+    iters: usize,
+    seed: u64,
+    weights: Option<PyReadonlyArrayDyn<'py, f32>>,
+    init: Option<PyReadonlyArray2<'py, f32>>,
+) -> PyResult<KMeansArrays<'py>> {
+    let [n, d] = [x.shape()[0], x.shape()[1]];
+    let xs = contiguous(&x, "x")?;
+    let w = vq_weights(py, &weights, n, d)?;
+    let r = match &init {
+        None => detached(py, || vq::kmeans(xs, n, d, k, iters, seed, w))?,
+        Some(c) => {
+            if c.shape() != [k, d] {
+                return Err(to_pyerr(
+                    py,
+                    Error::Shape {
+                        arg: "init",
+                        detail: format!("has shape {:?}, need [{k}, {d}]", c.shape()),
+                    },
+                ));
+            }
+            let cs = contiguous(c, "init")?;
+            detached(py, || vq::kmeans_with_init(xs, n, d, cs, k, iters, w))?
+        }
+    };
+    Ok((
+        reshape2(py, r.centroids, k, d)?,
+        r.assignments.into_pyarray(py),
+        r.inertia.into_pyarray(py),
+    ))
+}
+
+/// `(indices, distances)` of [`vq_assign`].
+type IndicesDistances<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<f32>>);
+
+/// Nearest row of a float32 (k, d) codebook for every row of a float32 (n, d) array:
+/// (indices uint32 (n,), weighted squared distances float32 (n,)); see `lowbit.vq.assign`.
+#[pyfunction]
+#[pyo3(signature = (x, codebook, weights=None))]
+fn vq_assign<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    codebook: PyReadonlyArray2<'py, f32>,
+    weights: Option<PyReadonlyArrayDyn<'py, f32>>,
+) -> PyResult<IndicesDistances<'py>> {
+    let [n, d] = [x.shape()[0], x.shape()[1]];
+    let [k, dc] = [codebook.shape()[0], codebook.shape()[1]];
+    if dc != d {
+        return Err(to_pyerr(
+            py,
+            Error::Shape {
+                arg: "codebook",
+                detail: format!("has {dc} columns but x has {d}"),
+            },
+        ));
+    }
+    let xs = contiguous(&x, "x")?;
+    let cs = contiguous(&codebook, "codebook")?;
+    let w = vq_weights(py, &weights, n, d)?;
+    // SAFETY: new arrays, written in full by assign_into before they are returned.
+    let idx = unsafe { PyArray1::<u32>::new(py, [n], false) };
+    let dist = unsafe { PyArray1::<f32>::new(py, [n], false) };
+    {
+        let is = unsafe { std::slice::from_raw_parts_mut(idx.data(), n) };
+        let ds = unsafe { std::slice::from_raw_parts_mut(dist.data(), n) };
+        detached(py, || vq::assign_into(xs, n, d, cs, k, w, is, ds))?;
+    }
+    Ok((idx, dist))
+}
+
+/// Exact nearest E8P code (uint16 (n,)) of every row of a float32 (n, 8) array; see
+/// `lowbit.vq.e8p_encode`.
+#[pyfunction]
+fn e8p_encode<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+) -> PyResult<Bound<'py, PyArray1<u16>>> {
+    let [n, d] = [x.shape()[0], x.shape()[1]];
+    if d != e8p::DIM {
+        return Err(to_pyerr(
+            py,
+            Error::Shape {
+                arg: "x",
+                detail: format!("E8P encodes vectors of 8; x has {d} columns"),
+            },
+        ));
+    }
+    let xs = contiguous(&x, "x")?;
+    // SAFETY: a new array, written in full by encode_into before it is returned.
+    let out = unsafe { PyArray1::<u16>::new(py, [n], false) };
+    {
+        let os = unsafe { std::slice::from_raw_parts_mut(out.data(), n) };
+        detached(py, || e8p::encode_into(xs, os))?;
+    }
+    Ok(out)
+}
+
+/// E8P codewords (float32 (n, 8)) of uint16 codes (n,), into `out` if given, each row times
+/// `row_scale[r]` when given (codes in rows of n / len(row_scale)); see `lowbit.vq.e8p_decode`.
+#[pyfunction]
+#[pyo3(signature = (codes, out=None, row_scale=None))]
+fn e8p_decode<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u16>,
+    out: Option<Bound<'py, PyArray2<f32>>>,
+    row_scale: Option<PyReadonlyArray1<'py, f32>>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let n = codes.len();
+    let cs = contiguous1(&codes, "codes")?;
+    let scale = match &row_scale {
+        None => None,
+        Some(s) => {
+            let ss = contiguous1(s, "row_scale")?;
+            if ss.is_empty() || !n.is_multiple_of(ss.len()) {
+                return Err(to_pyerr(
+                    py,
+                    Error::Shape {
+                        arg: "row_scale",
+                        detail: format!(
+                            "{} row scales do not divide {n} codes into rows",
+                            ss.len()
+                        ),
+                    },
+                ));
+            }
+            Some((ss, n / ss.len()))
+        }
+    };
+    match out {
+        Some(o) => {
+            {
+                let mut rw = o.try_readwrite()?;
+                let os = out_slice(py, &mut rw, n, e8p::DIM)?;
+                detached(py, || e8p::decode_into(cs, os, scale))?;
+            }
+            Ok(o)
+        }
+        None => {
+            let (arr, os) = new_array::<f32>(py, n, e8p::DIM)?;
+            detached(py, || e8p::decode_into(cs, os, scale))?;
+            Ok(arr)
+        }
+    }
+}
+
+/// The E8P codebook: float32 (65536, 8), row c = the codeword of code c.
+#[pyfunction]
+fn e8p_codebook<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    reshape2(py, e8p::codebook(), e8p::SIZE, e8p::DIM)
+}
+
+/// The E81B codebook: float32 (256, 8).
+#[pyfunction]
+fn e81b_codebook<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    reshape2(py, e8p::e81b_codebook(), e8p::E81B_SIZE, e8p::DIM)
+}
+
 /// Resize the thread pool (0 = default: LOWBIT_NUM_THREADS or all cores).
 #[pyfunction]
 fn set_num_threads(n: usize) {
@@ -443,6 +672,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unpack, m)?)?;
     m.add_function(wrap_pyfunction!(pack_ternary, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_ternary, m)?)?;
+    m.add_function(wrap_pyfunction!(vq_kmeans, m)?)?;
+    m.add_function(wrap_pyfunction!(vq_assign, m)?)?;
+    m.add_function(wrap_pyfunction!(e8p_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(e8p_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(e8p_codebook, m)?)?;
+    m.add_function(wrap_pyfunction!(e81b_codebook, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
