@@ -2,6 +2,10 @@
 
     python benches/presets.py [--presets w4-gptq,w3-gptq] [--calib-samples 128] [--eval-tokens 16384]
     python benches/presets.py --tag w4a4kv4 --presets w4a4kv4-norot,w4a4kv4-quarot,w4a4kv4-spinquant,kv4-kvquant,kv2-kvquant,kv4-uniform,kv2-uniform
+    python benches/presets.py --tag vq --presets w2-gptq,w2-quip,w2-rsavq,w3-gptq+group_size=none+sym=true,w3-quip
+
+A preset may carry overrides of its weight step as ``+field=value`` (``none``, ``true``/``false``,
+numbers), e.g. ``w4-gptq+group_size=none`` for per-channel GPTQ at about 4 bits.
 
 Evaluation split (tragedies, Hamlet first), FP measured in the same run; calibration passes in
 bfloat16 where the CPU has it natively (as the CLI does). Writes
@@ -17,6 +21,30 @@ import copy
 import time
 
 from _results import write_results
+
+
+def _parse_value(v: str):
+    low = v.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _recipe(spec: str):
+    """``preset+field=value+…`` → (label, overrides dict)."""
+    name, *parts = spec.split("+")
+    overrides = {}
+    for p in parts:
+        key, _, value = p.partition("=")
+        overrides[key] = _parse_value(value)
+    return name, overrides
 
 
 def main() -> int:
@@ -37,7 +65,7 @@ def main() -> int:
     from lowbit.driver import fast_calib_dtype
     from lowbit.eval import perplexity
     from lowbit.models import load_model
-    from lowbit.nn import QuantLinear
+    from lowbit.nn import QUANT_LINEARS
 
     torch.set_num_threads(args.threads)
     lowbit.set_num_threads(args.threads)
@@ -49,15 +77,21 @@ def main() -> int:
     for name in args.presets.split(","):
         q = copy.deepcopy(model)
         t = time.perf_counter()
-        lowbit.quantize(q, name, calib, progress=False, calib_dtype=fast_calib_dtype())
+        preset, overrides = _recipe(name)
+        recipe = lowbit.recipe.resolve(preset)
+        if overrides:  # explicit None (per-channel) must reach the step, which resolve(**kw) would drop
+            from dataclasses import replace
+
+            recipe = lowbit.Recipe(tuple(replace(s, **overrides) if s is recipe.weight else s for s in recipe.steps), name)
+        lowbit.quantize(q, recipe, calib, progress=False, calib_dtype=fast_calib_dtype())
         secs = time.perf_counter() - t
         for m in q.modules():  # evaluate on the dense weights, as `lowbit eval` does (speed, not numerics)
-            if isinstance(m, QuantLinear):
+            if isinstance(m, QUANT_LINEARS):
                 m.cache_dequantized = True
         ppl = perplexity(q, ids, seqlen=args.seqlen)
         bits = n = 0
         for m in q.modules():
-            if isinstance(m, QuantLinear):
+            if isinstance(m, QUANT_LINEARS):
                 k = m.in_features * m.out_features
                 bits += m.bits_per_weight() * k
                 n += k

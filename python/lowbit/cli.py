@@ -48,12 +48,12 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def _linear_bits(model) -> tuple[float, int, int]:
     """(bits per weight over the quantized linears, their packed bytes, their weight count)."""
-    from .nn import QuantLinear
+    from .nn import QUANT_LINEARS
 
     bits = 0.0
     count = 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QUANT_LINEARS):
             n = m.in_features * m.out_features
             bits += m.bits_per_weight() * n
             count += n
@@ -61,11 +61,11 @@ def _linear_bits(model) -> tuple[float, int, int]:
 
 
 def _dense_cache(model, on: bool) -> None:
-    """Keep each QuantLinear's dequantized weight while evaluating (speed for memory), or drop it."""
-    from .nn import QuantLinear
+    """Keep each quantized linear's decoded weight while evaluating (speed for memory), or drop it."""
+    from .nn import QUANT_LINEARS
 
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QUANT_LINEARS):
             m.cache_dequantized = on
             if not on:
                 m.clear_cache()
@@ -99,8 +99,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise _UserError(f"--out: {out} already exists; pass --overwrite to replace it")
     recipe = resolve(args.recipe, bits=args.bits, method=args.method, sym=args.sym)
     if args.group is not None:
-        if recipe.weight is None:
-            raise _UserError(f"--group: recipe {args.recipe!r} has no weight step")
+        if recipe.weight is None or not hasattr(recipe.weight, "group_size"):
+            raise _UserError(f"--group: recipe {args.recipe!r} has no grouped weight step (vector quantization has no groups)")
         recipe = type(recipe)(
             tuple(replace(s, group_size=args.group or None) if s is recipe.weight else s for s in recipe.steps), recipe.name
         )
@@ -220,20 +220,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     layers = qc.get("layers", {})
     stats = qc.get("stats", {})
     lstats = stats.get("layers", {})
-    rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "GPTQ loss"]]
+    rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "proxy loss"]]
     import re
 
     natural = lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]  # noqa: E731
+    total_bits = total_weights = 0.0
     for name in sorted(layers, key=natural):
         meta = layers[name]
         st = lstats.get(name, {})
+        bpw = st.get("bits_per_weight")
+        if bpw is None:
+            bpw = _meta_bits_per_weight(meta)
+        n_w = meta.get("in_features", 0) * meta.get("out_features", 0)
+        total_bits += bpw * n_w
+        total_weights += n_w
+        if meta.get("format") == "vq":
+            kind = "vq" + (" incoherent" if meta.get("incoherent") else "")
+            bits = " + ".join(
+                f"{s.get('codebook')}" + ("" if s.get("rows") is None else f"[{s['rows']} rows]") for s in meta.get("stages", [])
+            )
+            group = f"d={meta.get('dim')}"
+        else:
+            kind, bits, group = str(meta.get("kind", "uniform")), str(meta.get("bits")), str(meta.get("group_size"))
         rows.append([
             name,
-            str(meta.get("kind", "uniform")),
-            str(meta.get("bits")),
-            str(meta.get("group_size")),
+            kind,
+            bits,
+            group,
             str(meta.get("method")),
-            f"{st['bits_per_weight']:.3f}" if st.get("bits_per_weight") is not None else "-",
+            f"{bpw:.3f}",
             f"{st['rel_weight_error']:.4f}" if st.get("rel_weight_error") is not None else "-",
             f"{st['loss']:.4g}" if st.get("loss") is not None else "-",
         ])
@@ -244,7 +259,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         order = sorted(blocks, key=lambda k: int(k) if str(k).isdigit() else str(k))
         print(_table([["decoder layer", "rel. output error"]] + [[k, f"{blocks[k]:.4f}"] for k in order]))
     summary = [["", "value"], ["checkpoint", str(path)], ["recipe", str(qc.get("recipe_name") or qc.get("recipe"))],
-               ["quantized linears", str(len(layers))], ["size on disk", _fmt_bytes(_dir_bytes(path))]]
+               ["quantized linears", str(len(layers))],
+               ["bits/weight (linears, incl. scales, codebooks, signs)", f"{total_bits / total_weights:.3f}" if total_weights else "-"],
+               ["size on disk", _fmt_bytes(_dir_bytes(path))]]
     online = qc.get("online", {})
     inputs, attention = online.get("inputs", {}), online.get("attention", {})
     if inputs or attention:
@@ -263,6 +280,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print()
     print(_table(summary))
     return 0
+
+
+def _meta_bits_per_weight(meta: dict) -> float:
+    """Stored bits per weight of a layer, from its checkpoint metadata (buffers built on the meta device)."""
+    from .nn import QuantLinear, VQLinear
+
+    cls = VQLinear if meta.get("format") == "vq" else QuantLinear
+    try:
+        return cls.from_metadata(meta, device="meta").bits_per_weight()
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

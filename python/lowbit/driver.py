@@ -7,9 +7,10 @@ For a calibration batch ``(n, seqlen)``:
 2. for each layer: run it on the captured inputs with forward hooks that accumulate one Hessian
    ``2·XᵀX`` per group of linears sharing an input (q/k/v; o; gate/up; down), keeping the
    full-precision outputs; quantize every linear with the recipe's method and swap in a packed
-   :class:`~lowbit.nn.QuantLinear`; run the *quantized* layer to get the next layer's inputs (and
+   :class:`~lowbit.nn.QuantLinear` (or :class:`~lowbit.nn.VQLinear` for vector quantization); run the *quantized* layer to get the next layer's inputs (and
    the layer's relative output error against the full-precision outputs);
-3. only one layer's activations and Hessians are alive at a time.
+3. only one layer's activations and Hessians are alive at a time (RSAVQ also needs the diagonal
+   Fisher of every decoder linear, computed once up front from calibration gradients).
 
 The loop follows IST-DASLab's ``llama_sequential`` without its habits: configuration is passed
 explicitly, logging goes through :mod:`logging`, progress through tqdm.
@@ -29,8 +30,8 @@ from .errors import ShapeError
 from .grids import BinaryGrid, TernaryGrid, UniformGrid
 from .methods import HessianAccumulator, act_order_perm, gptq, ldlq, rtn
 from .models.adapters import get_adapter
-from .nn import QuantLinear, attach_input_transform, input_transform_of
-from .recipe import ActQuant, KVQuant, Recipe, WeightQuant, resolve
+from .nn import QuantLinear, VQLinear, attach_input_transform, input_transform_of
+from .recipe import ActQuant, KVQuant, Recipe, VectorQuant, WeightQuant, resolve
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class QuantReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     hadamards: dict[str, str] = field(default_factory=dict)  # rotation -> Hadamard plan used
     rotation_losses: list = field(default_factory=list)  # SpinQuant's loss per step
+    finetune: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> output error before/after tuning
+    e2e_loss: Optional[tuple[float, float]] = None  # held-out cross-entropy before/after end-to-end tuning
 
     @property
     def seconds(self) -> float:
@@ -83,9 +86,19 @@ def _grid(step: WeightQuant):
     return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym, mse=step.mse)
 
 
-def _quantize_linear(step: WeightQuant, lin: nn.Linear, hessian: Optional[torch.Tensor]):
-    """Return ``(QuantizedWeight, loss)`` for one linear."""
+def _quantize_linear(step: Any, lin: nn.Linear, hessian: Optional[torch.Tensor], fisher: Optional[torch.Tensor] = None):
+    """Return ``(QuantizedWeight or VQWeight, loss)`` for one linear."""
     W = lin.weight.detach().float()
+    if isinstance(step, VectorQuant):
+        if step.method == "quip":
+            from .methods.quip import quip
+
+            res = quip(W, hessian, bits=int(step.bits), seed=step.seed, damp=step.damp)
+        else:
+            from .methods.rsavq import rsavq
+
+            res = rsavq(W, hessian, fisher, bits=float(step.bits), dim=step.vector_dim, seed=step.seed, damp=step.damp, iters=step.kmeans_iters)
+        return res.qweight, res.loss
     grid = _grid(step)
     if step.method == "rtn":
         return rtn(W, grid), None
@@ -207,6 +220,13 @@ def quantize(
             report.stage_seconds["rotate"] = time.perf_counter() - t
         if recipe.weight is not None:
             _quantize_weights(model, adapter, recipe.weight, calib, report, batch_size, calib_dtype, progress)
+            step = recipe.weight
+            if isinstance(step, VectorQuant) and step.e2e_steps:
+                from .methods.finetune import tune_model
+
+                t = time.perf_counter()
+                report.e2e_loss = tune_model(model, calib, steps=step.e2e_steps, autocast_dtype=calib_dtype, seed=step.seed)
+                report.stage_seconds["finetune_e2e"] = time.perf_counter() - t
         if recipe.activation is not None:
             _attach_act_quant(model, adapter, recipe.activation)
         if recipe.kv is not None:
@@ -268,9 +288,16 @@ def _install_kv(model, adapter, step: KVQuant, calib) -> None:
 
 
 @torch.no_grad()
-def _quantize_weights(model, adapter, step: WeightQuant, calib, report: QuantReport, batch_size, calib_dtype, progress) -> None:
+def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, batch_size, calib_dtype, progress) -> None:
     layers = adapter.decoder_layers(model)
     t_start = time.perf_counter()
+    fisher: dict[str, torch.Tensor] = {}
+    if isinstance(step, VectorQuant) and step.method == "rsavq":
+        from .methods.fisher import fisher_diagonal
+
+        fisher = fisher_diagonal(model, calib[: step.fisher_samples])
+        report.stage_seconds["fisher"] = time.perf_counter() - t_start
+        t_start = time.perf_counter()
     if not step.needs_hessian:
         _quantize_rtn(model, adapter, layers, step, report, progress)
         report.stage_seconds["quantize"] = time.perf_counter() - t_start
@@ -306,17 +333,30 @@ def _quantize_weights(model, adapter, step: WeightQuant, calib, report: QuantRep
         t1 = time.perf_counter()
         report.stage_seconds["hessians"] += t1 - t0
 
-        for group, acc in zip(groups, accs):
+        for gi, (group, acc) in enumerate(zip(groups, accs)):
             H = acc.hessian
             for name, lin in group:
                 if bar is not None:
                     bar.set_postfix_str(f"layer {li} {name}")
-                ql = _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, step, H)
+                full = f"{prefix}.{li}.{name}"
+                ql = _swap_in(report, full, layer, name, lin, step, H, fisher.pop(full, None))
                 ql.cache_dequantized = True
             del H
+            if isinstance(step, VectorQuant) and step.tune_linears and step.finetune_steps >= 3 and gi + 1 < len(groups):
+                from .methods.finetune import tune_block
+
+                tune_block(layer, inps, kwargs, fp_outs, steps=step.finetune_steps // 3, seed=step.seed + li, train_linears=True)
         del accs
         t2 = time.perf_counter()
         report.stage_seconds["quantize"] += t2 - t1
+        if isinstance(step, VectorQuant) and step.finetune_steps:
+            from .methods.finetune import tune_block
+
+            before, after = tune_block(layer, inps, kwargs, fp_outs, steps=step.finetune_steps, seed=step.seed + li)
+            report.finetune[li] = (before, after)
+            t3 = time.perf_counter()
+            report.stage_seconds["finetune"] = report.stage_seconds.get("finetune", 0.0) + t3 - t2
+            t2 = t3
 
         num = den = 0.0
         runner = _runner(layer, calib_dtype)
@@ -379,13 +419,15 @@ def _swap_in(
     layer: nn.Module,
     name: str,
     lin: nn.Linear,
-    step: WeightQuant,
+    step: Any,
     hessian: Optional[torch.Tensor],
-) -> QuantLinear:
-    """Quantize ``lin``, put the packed :class:`QuantLinear` in its place, record its stats."""
+    fisher: Optional[torch.Tensor] = None,
+) -> nn.Module:
+    """Quantize ``lin``, put the packed :class:`QuantLinear` / :class:`VQLinear` in its place, record its stats."""
     t = time.perf_counter()
-    qw, loss = _quantize_linear(step, lin, hessian)
-    ql = QuantLinear.from_quantized(qw, lin.bias.detach() if lin.bias is not None else None)
+    qw, loss = _quantize_linear(step, lin, hessian, fisher)
+    bias = lin.bias.detach() if lin.bias is not None else None
+    ql: Any = VQLinear.from_quantized(qw, bias) if isinstance(step, VectorQuant) else QuantLinear.from_quantized(qw, bias)
     W = lin.weight.detach().float()
     err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
     transform = input_transform_of(lin)
@@ -394,7 +436,7 @@ def _swap_in(
         attach_input_transform(ql, transform)
     _set_module(layer, name, ql)
     report.layers.append(
-        LayerStats(full_name, step.method, ql.bits_per_weight(), step.group_size, err, loss, time.perf_counter() - t)
+        LayerStats(full_name, step.method, ql.bits_per_weight(), getattr(step, "group_size", None), err, loss, time.perf_counter() - t)
     )
     return ql
 

@@ -8,14 +8,20 @@ Layout of a checkpoint folder (format_version 1)::
                              "recipe": [...],                      # as given by the caller
                              "layers": {"model.layers.0.self_attn.q_proj": {
                                  "in_features", "out_features", "bits", "group_size", "kind", "sym",
-                                 "zero_const", "act_order", "bias", "method", "packing"}, ...},
+                                 "zero_const", "act_order", "bias", "method", "packing"},
+                                 "model.layers.0.mlp.down_proj": {        # a VQLinear (QuIP#, RSAVQ)
+                                     "format": "vq", "in_features", "out_features", "dim",
+                                     "stages": [{"codebook", "k", "index_bits", "rows", "scale"}, ...],
+                                     "incoherent", "bias", "method"}, ...},
                              "online": {                           # only when there are any
                                  "inputs": {"model.layers.0.mlp.down_proj": {"hadamard", "act"}, ...},
                                  "attention": {"model.layers.0.self_attn": {"rotate_qk", "kv"}, ...}}}
     model.safetensors    every tensor of ``model.state_dict()``, tied tensors once (the first name
                          in state-dict order, e.g. ``model.embed_tokens.weight``); a quantized linear
                          ``W`` stores ``W.qweight`` (uint8), ``W.scales`` (fp16), ``W.zeros`` (fp16,
-                         asymmetric), ``W.perm`` (int64, act-order), ``W.bias``; header metadata
+                         asymmetric), ``W.perm`` (int64, act-order), ``W.bias``; a vector-quantized
+                         one ``W.codes{s}`` (uint8), ``W.table{s}`` (fp16), ``W.rows{s}`` (int32),
+                         ``W.row_scale`` (fp16), ``W.su``/``W.sv`` (uint8 sign bits); header metadata
                          ``{"format": "pt", "lowbit_format_version": "1"}``
     tokenizer files      when a tokenizer was given (``tokenizer.save_pretrained``)
 
@@ -53,6 +59,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..grids.base import GRID_KINDS
 from ..nn.quant_linear import PackingFormat, QuantLinear
+from ..nn.vq_linear import VQLinear
 
 __all__ = [
     "FORMAT_VERSION",
@@ -155,9 +162,9 @@ def _config_json(model: nn.Module, quantization_config: dict) -> dict:
     qc.setdefault("recipe", [])
     layers = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            if mod.qweight.is_meta:
-                raise CheckpointError(f"{name}: QuantLinear has no data (meta tensors)")
+        if isinstance(mod, (QuantLinear, VQLinear)):
+            if mod.row_scale.is_meta if isinstance(mod, VQLinear) else mod.qweight.is_meta:
+                raise CheckpointError(f"{name}: {type(mod).__name__} has no data (meta tensors)")
             layers[name] = mod.metadata()
     qc["layers"] = layers
     online = _online_config(model)
@@ -410,16 +417,44 @@ _LAYER_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_layer_meta(name: str, meta: Any) -> None:
-    where = f"quantization_config.layers[{name!r}]"
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{where}: must be an object, got {type(meta).__name__}")
-    for field, types in _LAYER_FIELDS.items():
+_VQ_FIELDS: dict[str, tuple[type, ...]] = {
+    "in_features": (int,),
+    "out_features": (int,),
+    "dim": (int,),
+    "stages": (list,),
+    "incoherent": (bool,),
+    "bias": (bool,),
+    "method": (str,),
+}
+
+
+def _check_fields(where: str, meta: dict, fields: dict[str, tuple[type, ...]]) -> None:
+    for field, types in fields.items():
         if field not in meta:
             raise CheckpointError(f"{where}.{field}: missing")
         v = meta[field]
         if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
             raise CheckpointError(f"{where}.{field}: must be {'/'.join(t.__name__ for t in types)}, got {v!r}")
+
+
+def _check_layer_meta(name: str, meta: Any) -> None:
+    where = f"quantization_config.layers[{name!r}]"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: must be an object, got {type(meta).__name__}")
+    fmt = meta.get("format", "packed")
+    if fmt == "vq":
+        _check_fields(where, meta, _VQ_FIELDS)
+        try:
+            layer = VQLinear.from_metadata(meta, device="meta")
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        for s, spec in enumerate(meta["stages"]):
+            if spec.get("index_bits", layer.stage_specs[s]["index_bits"]) != layer.stage_specs[s]["index_bits"]:
+                raise CheckpointError(f"{where}.stages[{s}].index_bits: {spec['index_bits']!r} does not fit k={spec.get('k')}")
+        return
+    if fmt != "packed":
+        raise CheckpointError(f"{where}.format: unknown layer format {fmt!r}; known: 'packed', 'vq'")
+    _check_fields(where, meta, _LAYER_FIELDS)
     if meta["kind"] not in GRID_KINDS:
         raise CheckpointError(f"{where}.kind: unknown grid kind {meta['kind']!r}; known: {GRID_KINDS}")
     if meta["packing"] != PackingFormat.for_kind(meta["kind"]).value:
@@ -494,7 +529,8 @@ def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) ->
             )
         if (old.bias is not None) != meta["bias"]:
             raise CheckpointError(f"{where}.bias: {meta['bias']} but the architecture's layer has bias={old.bias is not None}")
-        new = QuantLinear.from_metadata(meta, device="meta", bias_dtype=dtype)
+        cls: Any = VQLinear if meta.get("format") == "vq" else QuantLinear
+        new = cls.from_metadata(meta, device="meta", bias_dtype=dtype)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
@@ -580,7 +616,15 @@ def _assign(model: nn.Module, names: list[str], key: str, t: torch.Tensor, want:
         if isinstance(owner, QuantLinear) and leaf == "qweight":
             hint = f" ({owner.packing.value} packing of {owner.in_features} codes of {owner.bits} bits per row)"
         raise CheckpointError(f"{key}: shape {tuple(t.shape)} in {WEIGHTS_NAME}, expected {tuple(want.shape)}{hint}")
-    if isinstance(owner, QuantLinear) and leaf in _QUANT_TENSORS:
+    if isinstance(owner, VQLinear) and leaf != "bias":
+        if t.dtype != want.dtype:
+            raise CheckpointError(f"{key}: dtype {t.dtype} in {WEIGHTS_NAME}, expected {want.dtype}")
+        if leaf.startswith("rows") and t.numel():
+            r = t.long()
+            if int(r.min()) < 0 or int(r.max()) >= owner.out_features or not bool((r[1:] > r[:-1]).all()):
+                raise CheckpointError(f"{key}: row indices must be ascending and in 0..{owner.out_features - 1}")
+        value = t.to(device)
+    elif isinstance(owner, QuantLinear) and leaf in _QUANT_TENSORS:
         if t.dtype != _QUANT_TENSORS[leaf]:
             raise CheckpointError(f"{key}: dtype {t.dtype} in {WEIGHTS_NAME}, expected {_QUANT_TENSORS[leaf]}")
         if leaf == "perm" and not torch.equal(torch.sort(t).values, torch.arange(t.numel())):

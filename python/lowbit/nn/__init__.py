@@ -1,4 +1,4 @@
-"""Modules that run from packed low-bit storage (DESIGN §2 ``nn/``): QuantLinear, the online
+"""Modules that run from packed low-bit storage (DESIGN §2 ``nn/``): QuantLinear, VQLinear, the online
 activation transforms (Hadamard, per-token activation quantizer) and the KV-cache quantizers."""
 
 from __future__ import annotations
@@ -7,10 +7,16 @@ from .kv_cache import QuantizedKVCache
 from .kv_quant import KVQuantizer, QuantizedKV
 from .online import ActQuantizer, InputTransform, attach_input_transform, input_transform_of, online_hadamard
 from .quant_linear import PackingFormat, QuantLinear, storage_bits
+from .vq_linear import VQLinear
+
+#: the layer classes that hold a quantized weight (``bits_per_weight``, ``cache_dequantized``, ``clear_cache``)
+QUANT_LINEARS = (QuantLinear, VQLinear)
 
 __all__ = [
     "PackingFormat",
     "QuantLinear",
+    "VQLinear",
+    "QUANT_LINEARS",
     "storage_bits",
     "ActQuantizer",
     "InputTransform",
