@@ -20,7 +20,7 @@ and is left out for CPU budgets.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -100,30 +100,51 @@ def tune_block(
     norms = _norm_weights(block)
     if train_linears:
         norms += [m.weight for m in block.modules() if type(m) is nn.Linear]
-    saved_norms = [p.detach().clone() for p in norms]
-    grad_flags = {id(p): p.requires_grad for p in block.parameters()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def step_loss(_: int) -> torch.Tensor:
+        x, kw, t = data[int(torch.randint(len(data), (1,), generator=gen))]
+        return _rel_loss(_first(block(x, **kw)).float(), t)
 
     def evaluate() -> float:
         with torch.no_grad():
             return float(sum(_rel_loss(_first(block(x, **kw)).float(), t) for x, kw, t in held) / len(held))
 
+    return _tune(block, layers, norms, step_loss, evaluate, steps, lr)
+
+
+def _tune(
+    root: nn.Module,
+    layers: list[VQLinear],
+    extra: list[nn.Parameter],
+    step_loss: Callable[[int], torch.Tensor],
+    evaluate: Callable[[], float],
+    steps: int,
+    lr: float,
+) -> tuple[float, float]:
+    """The tuning loop shared by :func:`tune_block` and :func:`tune_model`.
+
+    Freezes every parameter of ``root``; trains the ``layers``' scales (:meth:`VQLinear.start_tuning`)
+    and the ``extra`` parameters with Adam (step ``lr`` × each tensor's mean magnitude) on
+    ``step_loss(step)``; keeps the result only if ``evaluate()`` went down, else restores ``extra``.
+    Returns ``(before, after)``; the parameters' ``requires_grad`` flags are restored.
+    """
+    saved = [p.detach().clone() for p in extra]
+    grad_flags = {id(p): p.requires_grad for p in root.parameters()}
     try:
-        for p in block.parameters():
+        for p in root.parameters():
             p.requires_grad_(False)
         before = evaluate()
         params: list[torch.Tensor] = []
         for m in layers:
             params += m.start_tuning()
-        for p in norms:
+        for p in extra:
             p.requires_grad_(True)
             params.append(p)
-        groups = [{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in params]
-        opt = torch.optim.Adam(groups)
-        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in params])
         with torch.enable_grad():
-            for _ in range(steps):
-                x, kw, t = data[int(torch.randint(len(data), (1,), generator=gen))]
-                loss = _rel_loss(_first(block(x, **kw)).float(), t)
+            for step in range(steps):
+                loss = step_loss(step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -133,14 +154,14 @@ def tune_block(
             m.stop_tuning(keep=keep)
         if not keep:
             with torch.no_grad():
-                for p, old in zip(norms, saved_norms):
+                for p, old in zip(extra, saved):
                     p.copy_(old)
             after = before
         return before, after
     finally:
         for m in layers:
             m.stop_tuning(keep=False)
-        for p in block.parameters():
+        for p in root.parameters():
             p.requires_grad_(grad_flags.get(id(p), False))
             p.grad = None
 
@@ -180,51 +201,20 @@ def tune_model(
     n = int(calib.shape[0])
     if not layers or steps <= 0 or n <= held_out:
         return float("nan"), float("nan")
-    norms = [p for name, p in model.named_parameters() if "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight")]
-    saved_norms = [p.detach().clone() for p in norms]
-    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    norms = _norm_weights(model)
     dev = next(model.parameters()).device
+    order = torch.randperm(n - held_out, generator=torch.Generator().manual_seed(seed)) + held_out
 
     def ce(ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None and dev.type == "cpu"):
             return model(ids.to(dev), labels=ids.to(dev), use_cache=False).loss.float()
 
+    def step_loss(step: int) -> torch.Tensor:
+        i = int(order[step % len(order)])
+        return ce(calib[i : i + 1])
+
     def evaluate() -> float:
         with torch.no_grad():
             return float(sum(ce(calib[i : i + 1]) for i in range(held_out)) / held_out)
 
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        before = evaluate()
-        params: list[torch.Tensor] = []
-        for m in layers:
-            params += m.start_tuning()
-        for p in norms:
-            p.requires_grad_(True)
-            params.append(p)
-        opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in params])
-        order = torch.randperm(n - held_out, generator=torch.Generator().manual_seed(seed)) + held_out
-        with torch.enable_grad():
-            for step in range(steps):
-                i = int(order[step % len(order)])
-                loss = ce(calib[i : i + 1])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        after = evaluate()
-        keep = after < before
-        for m in layers:
-            m.stop_tuning(keep=keep)
-        if not keep:
-            with torch.no_grad():
-                for p, old in zip(norms, saved_norms):
-                    p.copy_(old)
-            after = before
-        return before, after
-    finally:
-        for m in layers:
-            m.stop_tuning(keep=False)
-        for p in model.parameters():
-            p.requires_grad_(grad_flags.get(id(p), False))
-            p.grad = None
+    return _tune(model, layers, norms, step_loss, evaluate, steps, lr)

@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
 from ..grids.base import GRID_KINDS, QuantizedWeight
 from ..ops import pack, pack_ternary, packed_size, unpack, unpack_ternary
+from .dense_cache import DenseCache
 from .online import online_hadamard
 
 __all__ = ["PackingFormat", "QuantLinear", "storage_bits"]
@@ -114,7 +115,7 @@ def _check_fp16_exact(t: torch.Tensor, arg: str) -> torch.Tensor:
     return h
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(DenseCache, nn.Module):
     """Linear layer with packed low-bit weight (see the module docstring for the buffers).
 
     Args:
@@ -363,27 +364,8 @@ class QuantLinear(nn.Module):
             method=self.method,
         )
 
-    def _cache_key(self, dtype: torch.dtype) -> tuple:
-        bufs = (self.qweight, self.scales, self.zeros, self.perm)
-        return (dtype, self.scales.device) + tuple(
-            (t.data_ptr(), t._version) if t is not None else None for t in bufs
-        )
-
-    def clear_cache(self) -> None:
-        """Drop the dense weight kept by ``cache_dequantized``."""
-        self._cache = None
-
-    def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight in ``dtype`` (from the cache when ``cache_dequantized``)."""
-        if self.cache_dequantized:
-            key = self._cache_key(dtype)
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
-            w = self.dequantize_weight().to(dtype)
-            self._cache = (key, w)
-            return w
-        self._cache = None
-        return self.dequantize_weight().to(dtype)
+    def _dense(self) -> torch.Tensor:
+        return self.dequantize_weight()
 
     handles_input_transform = True  # forward applies ``lowbit_input`` itself (see lowbit.nn.online)
 

@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import ShapeError, ValueRangeError
 from ..grids.vq import CODEBOOKS, VQStage, VQWeight, index_bits
 from ..ops import pack, packed_size, unpack
+from .dense_cache import DenseCache
 from .online import online_hadamard
 
 __all__ = ["VQLinear"]
@@ -80,7 +81,7 @@ def _unpack_signs(p: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(1.0 - 2.0 * bits.astype(np.float32))
 
 
-class VQLinear(nn.Module):
+class VQLinear(DenseCache, nn.Module):
     """Linear layer with a vector-quantized weight (see the module docstring for the buffers).
 
     Args:
@@ -318,24 +319,9 @@ class VQLinear(nn.Module):
     # ------------------------------------------------------------------------------------------
     # compute
 
-    def _cache_key(self, dtype: torch.dtype) -> tuple:
-        return (dtype, self.row_scale.device) + tuple((t.data_ptr(), t._version) for t in self._buffers.values() if t is not None)
-
-    def clear_cache(self) -> None:
-        """Drop the decoded weight kept by ``cache_dequantized``."""
-        self._cache = None
-
-    def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
-        """The decoded rotated weight ``W̃`` in ``dtype`` (cached when ``cache_dequantized``)."""
-        if self.cache_dequantized:
-            key = self._cache_key(dtype)
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
-            w = self.dequantize_rotated().to(dtype)
-            self._cache = (key, w)
-            return w
-        self._cache = None
-        return self.dequantize_rotated().to(dtype)
+    def _dense(self) -> torch.Tensor:
+        """The rotated weight ``W̃`` the forward multiplies by (see :class:`~lowbit.nn.dense_cache.DenseCache`)."""
+        return self.dequantize_rotated()
 
     def _signs_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.su.data_ptr(), self.su._version, self.sv.data_ptr(), self.sv._version)
