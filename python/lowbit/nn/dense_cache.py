@@ -1,15 +1,22 @@
-"""The optional dense-weight cache shared by the quantized linear layers (:class:`QuantLinear`,
-:class:`VQLinear`): with ``cache_dequantized`` set, the weight a forward needs is decoded once per
-dtype and kept until a buffer is replaced or modified in place (the key holds each buffer's data
-pointer and version counter)."""
+"""The weight caches shared by the quantized linear layers (:class:`QuantLinear`, :class:`VQLinear`):
+
+* the optional dense weight: with ``cache_dequantized`` set, the weight a forward needs is decoded
+  once per dtype and kept;
+* the GPU layout the CUDA kernels read (:mod:`lowbit.kernels`), converted from the stored buffers on
+  the first CUDA forward and kept.
+
+Both are rebuilt when a buffer is replaced or modified in place (the key holds each buffer's data
+pointer and version counter) and dropped by :meth:`clear_cache` and by device/dtype moves."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 __all__ = ["DenseCache"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class DenseCache:
@@ -28,8 +35,31 @@ class DenseCache:
         return (dtype, dev) + tuple((t.data_ptr(), t._version) for t in bufs)
 
     def clear_cache(self) -> None:
-        """Drop the dense weight kept by ``cache_dequantized``."""
+        """Drop the dense weight kept by ``cache_dequantized`` and the GPU layout."""
         self._cache = None
+        self.__dict__.pop("_gpu_cache", None)
+
+    def gpu_layout(self, build: Callable[[], Any]) -> Any:
+        """The layer's weight in a CUDA kernel's layout: ``build()`` on first use, kept while the
+        buffers stay the same (a conversion once per load, not per forward)."""
+        key = self._cache_key(None)
+        cached = self.__dict__.get("_gpu_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self.__dict__["_gpu_cache"] = cached
+        return cached[1]
+
+    def use_cuda_kernels(self, x: torch.Tensor) -> bool:
+        """This forward runs lowbit's CUDA kernels: a CUDA float16/bfloat16/float32 input without
+        autograd, CUDA and CuPy present, no dense cache requested, kernels not switched off
+        (``LOWBIT_CUDA_KERNELS=0``)."""
+        if not x.is_cuda or self.cache_dequantized or x.dtype not in _KERNEL_DTYPES:
+            return False
+        if x.requires_grad and torch.is_grad_enabled():
+            return False
+        from ..kernels import kernels_enabled
+
+        return kernels_enabled()
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight the forward multiplies by, in ``dtype`` (cached when ``cache_dequantized``)."""

@@ -374,13 +374,18 @@ class QuantLinear(DenseCache, nn.Module):
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         t = self._modules.get("lowbit_input")
+        gpu = self.use_cuda_kernels(x)
         if t is not None:
             if t.hadamard:
                 x = online_hadamard(x)
-            if t.act is not None and not (x.requires_grad and torch.is_grad_enabled()):
+            if t.act is not None and not gpu and not (x.requires_grad and torch.is_grad_enabled()):
                 return self._forward_int_act(x, t.act, b)
             if t.act is not None:
-                x = t.act(x)
+                x = t.act(x)  # on the GPU: the quantized activation's values, then the low-bit kernel
+        if gpu:
+            from ..kernels.uniform import UniformGPUWeight, uniform_matmul
+
+            return uniform_matmul(x, self.gpu_layout(lambda: UniformGPUWeight.from_quant_linear(self)))
         w = self.weight_for(x.dtype)
         return F.linear(x, w, b)
 
@@ -414,7 +419,7 @@ class QuantLinear(DenseCache, nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        self._cache = None
+        self.clear_cache()
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
@@ -422,7 +427,7 @@ class QuantLinear(DenseCache, nn.Module):
             t = state_dict.get(prefix + name)
             if t is not None and t.dtype != dtype:
                 error_msgs.append(f"{prefix}{name}: dtype {t.dtype}, QuantLinear stores {dtype} (no silent casts)")
-        self._cache = None
+        self.clear_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:

@@ -363,6 +363,11 @@ class VQLinear(DenseCache, nn.Module):
                 x = online_hadamard(x)
             if t.act is not None:
                 x = t.act(x)
+        if self._tune is None and self.use_cuda_kernels(x):
+            from ..kernels import vq as kvq
+
+            if kvq.kernel_supports(self):
+                return self._forward_cuda(x)
         if self._tune is not None:
             unit, rs, ins = self._tune
             x = x * ins.to(x.dtype)
@@ -380,6 +385,42 @@ class VQLinear(DenseCache, nn.Module):
         b = self.bias
         return y + b.to(y.dtype) if b is not None else y
 
+    def _gpu_parts(self) -> tuple[Any, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The kernel layout of ``W̃`` and the float32 vectors applied before / after the rotations:
+        ``in_scale ⊙ su`` and ``sv`` (built once per load, see :meth:`gpu_layout`)."""
+        from ..kernels.vq import E8PGPUWeight
+
+        def build() -> tuple[Any, Optional[torch.Tensor], Optional[torch.Tensor]]:
+            dev = self.row_scale.device
+            w = E8PGPUWeight.from_vq_linear(self, dev)
+            pre = self.in_scale.float() if self.has_in_scale else None
+            post = None
+            if self.incoherent:
+                su, sv = self.signs()
+                su = su.to(dev)  # type: ignore[union-attr]
+                pre = su if pre is None else pre * su
+                post = sv.to(dev).contiguous()  # type: ignore[union-attr]
+            return w, None if pre is None else pre.contiguous(), post
+
+        return self.gpu_layout(build)
+
+    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA forward: fused Hadamard (with ``in_scale ⊙ su``), the E8P kernel, the fused
+        inverse Hadamard (with ``sv``), the bias."""
+        from ..kernels.hadamard import fwht
+        from ..kernels.vq import vq_matmul
+
+        w, pre, post = self._gpu_parts()
+        if self.incoherent:
+            x = fwht(x, pre=pre)
+        elif pre is not None:
+            x = x * pre.to(x.dtype)
+        y = vq_matmul(x, w)
+        if self.incoherent:
+            y = fwht(y, post=post, inverse=True)
+        b = self.bias
+        return y + b.to(y.dtype) if b is not None else y
+
     # ------------------------------------------------------------------------------------------
     # nn.Module plumbing
 
@@ -391,7 +432,7 @@ class VQLinear(DenseCache, nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
-        self._cache = None
+        self.clear_cache()
         return result
 
     def extra_repr(self) -> str:
