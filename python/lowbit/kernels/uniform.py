@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import DTypeError, ShapeError, UnsupportedSizeError
 from . import _runtime as rt
 
-__all__ = ["UniformGPUWeight", "uniform_matmul", "emulate_uniform_matmul", "container_bits", "MAX_KERNEL_BATCH"]
+__all__ = ["UniformGPUWeight", "uniform_matmul", "launch_config", "emulate_uniform_matmul", "container_bits", "MAX_KERNEL_BATCH"]
 
 #: Activation rows up to which the matmul runs the low-bit kernel (beyond: dense weight + cuBLAS).
 MAX_KERNEL_BATCH = 16
@@ -277,23 +277,30 @@ def uniform_matmul(x: torch.Tensor, w: UniformGPUWeight, *, use_kernel: Optional
         return F.linear(x, dense, bias)
     if x2.stride(-1) != 1 or x2.stride(0) < w.in_features:
         x2 = x2.contiguous()
-    bt = next(t for t in _BATCH_TILES if t >= min(b, MAX_KERNEL_BATCH))
     y = torch.empty(b, w.out_features, dtype=x.dtype, device=x.device)
+    defines, grid, block, args = launch_config(x2, w, y)
+    fn = rt.get_kernel("uniform_gemm.cu", "uniform_gemm_kernel", defines, x.device)
+    rt.launch(fn, grid, block, args, x.device)
+    return y.reshape(*lead, w.out_features)
+
+
+def launch_config(x2: torch.Tensor, w: UniformGPUWeight, y: torch.Tensor) -> tuple[dict, tuple, tuple, tuple]:
+    """``(defines, grid, block, args)`` of ``uniform_gemm_kernel`` for ``y = x2·Wᵀ`` (``x2``
+    ``(B, K)`` with unit stride along K, ``B ≤ 16``; ``y`` ``(B, N)`` contiguous). Pointers are the
+    tensors' ``data_ptr()``, so the same call drives a host build of the kernel in the tests."""
+    b = x2.shape[0]
+    bt = next(t for t in _BATCH_TILES if t >= min(b, MAX_KERNEL_BATCH))
     uc, esize = _unit_codes(w.bits), x2.element_size()
     xvec = w.perm is None and x2.data_ptr() % (uc * esize) == 0 and x2.stride(0) % uc == 0
-    fn = rt.get_kernel(
-        "uniform_gemm.cu", "uniform_gemm_kernel",
-        {"LOWBIT_BITS": w.bits, "LOWBIT_DTYPE": rt.dtype_code(x2), "LOWBIT_BT": bt}, x.device,
-    )
-    grid = (-(-w.out_features // (_WARPS * _RPW)), -(-b // bt))
+    defines = {"LOWBIT_BITS": w.bits, "LOWBIT_DTYPE": rt.dtype_code(x2), "LOWBIT_BT": bt}
+    grid = (-(-w.out_features // (_WARPS * _RPW)), -(-b // bt), 1)
     args = (
         rt.ptr(w.words), np.int32(w.words.shape[1]), rt.ptr(w.scales), rt.ptr(w.zeros), np.float32(w.zero_const),
         np.int32(w.n_groups), np.int32(w.group_size), rt.ptr(w.perm), rt.ptr(x2), np.int32(x2.stride(0)),
         rt.ptr(y), np.int32(w.out_features), rt.ptr(w.bias), np.int32(w.out_features), np.int32(w.in_features),
         np.int32(b), np.int32(1 if xvec else 0),
     )
-    rt.launch(fn, grid, (_WARPS * 32, 1, 1), args, x.device)
-    return y.reshape(*lead, w.out_features)
+    return defines, grid, (_WARPS * 32, 1, 1), args
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import DTypeError, ShapeError, UnsupportedSizeError
 from . import _runtime as rt
 
-__all__ = ["E8PGPUWeight", "vq_matmul", "emulate_vq_matmul", "e8p_tables", "kernel_supports"]
+__all__ = ["E8PGPUWeight", "vq_matmul", "launch_config", "emulate_vq_matmul", "e8p_tables", "kernel_supports"]
 
 MAX_KERNEL_BATCH = 16
 _BATCH_TILES = (1, 2, 4, 8, 16)
@@ -167,23 +167,28 @@ def vq_matmul(x: torch.Tensor, w: E8PGPUWeight, *, use_kernel: Optional[bool] = 
         return F.linear(x, w.dequantize_rotated().to(x.dtype))
     if x2.stride(-1) != 1 or x2.stride(0) < w.in_features:
         x2 = x2.contiguous()
-    bt = next(t for t in _BATCH_TILES if t >= min(b, MAX_KERNEL_BATCH))
     y = torch.empty(b, w.out_features, dtype=x.dtype, device=x.device)
-    xvec = x2.data_ptr() % 16 == 0 and x2.stride(0) % 8 == 0 if x2.element_size() == 2 else (
-        x2.data_ptr() % 16 == 0 and x2.stride(0) % 4 == 0)
-    fn = rt.get_kernel(
-        "vq_gemm.cu", "vq_gemm_kernel",
-        {"LOWBIT_STAGE2": _STAGE2[w.stage2], "LOWBIT_DTYPE": rt.dtype_code(x2), "LOWBIT_BT": bt}, x.device,
-    )
-    grid = (-(-w.out_features // (_WARPS * _RPW)), -(-b // bt))
+    defines, grid, block, args = launch_config(x2, w, y)
+    fn = rt.get_kernel("vq_gemm.cu", "vq_gemm_kernel", defines, x.device)
+    rt.launch(fn, grid, block, args, x.device)
+    return y.reshape(*lead, w.out_features)
+
+
+def launch_config(x2: torch.Tensor, w: E8PGPUWeight, y: torch.Tensor) -> tuple[dict, tuple, tuple, tuple]:
+    """``(defines, grid, block, args)`` of ``vq_gemm_kernel`` for ``ỹ = x̃2·W̃ᵀ`` (``x2`` ``(B, K)``
+    with unit stride along K, ``B ≤ 16``; ``y`` ``(B, N)`` contiguous); pointers are ``data_ptr()``s."""
+    b = x2.shape[0]
+    bt = next(t for t in _BATCH_TILES if t >= min(b, MAX_KERNEL_BATCH))
+    xvec = x2.data_ptr() % 16 == 0 and x2.stride(0) % (16 // x2.element_size()) == 0
+    defines = {"LOWBIT_STAGE2": _STAGE2[w.stage2], "LOWBIT_DTYPE": rt.dtype_code(x2), "LOWBIT_BT": bt}
+    grid = (-(-w.out_features // (_WARPS * _RPW)), -(-b // bt), 1)
     args = (
         rt.ptr(w.codes0), rt.ptr(w.codes1), np.int32(w.codes0.shape[1]), rt.ptr(w.abs_tab), rt.ptr(w.tab1),
         np.float32(w.gain1 / w.gain0), np.float32(w.gain0), rt.ptr(w.row_scale), rt.ptr(x2),
         np.int32(x2.stride(0)), rt.ptr(y), np.int32(w.out_features), np.int32(w.out_features),
         np.int32(w.in_features), np.int32(b), np.int32(1 if xvec else 0),
     )
-    rt.launch(fn, grid, (_WARPS * 32, 1, 1), args, x.device)
-    return y.reshape(*lead, w.out_features)
+    return defines, grid, (_WARPS * 32, 1, 1), args
 
 
 def emulate_vq_matmul(x: Any, w: E8PGPUWeight) -> np.ndarray:

@@ -18,6 +18,12 @@ typedef float act_t;
 typedef u16 act_t;
 #endif
 
+#ifdef LOWBIT_HOST_EMULATION
+// The tests' host build of a kernel (tests/cuda_host/): the same code on the CPU, with C++'s
+// _Float16 in place of the two PTX conversions.
+__device__ __forceinline__ float h2f(u16 h) { _Float16 v; __builtin_memcpy(&v, &h, 2); return (float)v; }
+__device__ __forceinline__ u16 f2h(float f) { _Float16 v = (_Float16)f; u16 h; __builtin_memcpy(&h, &v, 2); return h; }
+#else
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -29,6 +35,7 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 __device__ __forceinline__ float bf2f(u16 b) { return __int_as_float(((u32)b) << 16); }
 

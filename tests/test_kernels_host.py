@@ -1,0 +1,138 @@
+"""The matmul kernels' own CUDA C, run on the CPU.
+
+``tests/cuda_host/`` builds ``uniform_gemm.cu`` / ``vq_gemm.cu`` with g++ as host code (a shim maps
+the CUDA keywords and intrinsics, every thread of a block is a ``std::thread`` and warp shuffles
+meet through a barrier; only the two PTX fp16 conversions are replaced). The launch parameters
+come from the library's own ``launch_config`` — the grid, the batch tile, the vector-load flag and
+the pointers are those a GPU launch would get — so the kernels' indexing, layouts, tails and
+reductions are checked against the dense reference here, on machines without a GPU. (Timing,
+occupancy and memory coalescing are not: those need the GPU tests and benches/gpu.py.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import CUDA_DIR
+from lowbit.kernels import uniform as ku
+from lowbit.kernels import vq as kvq
+
+from test_kernels import FORMAT_IDS, FORMATS, quant_linear, vq_linear
+
+HOST = Path(__file__).resolve().parent / "cuda_host"
+CXX = shutil.which("g++") or shutil.which("c++")
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++)")
+
+_LIBS: dict[tuple, ctypes.CDLL] = {}
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cuda_host")
+
+
+def _lib(entry: str, defines: dict, build_dir: Path) -> ctypes.CDLL:
+    key = (entry, tuple(sorted(defines.items())))
+    if key not in _LIBS:
+        out = build_dir / ("_".join([entry] + [f"{k}{v}" for k, v in sorted(defines.items())]) + ".so")
+        cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DLOWBIT_HOST_EMULATION",
+               *[f"-D{k}={v}" for k, v in defines.items()], "-include", str(HOST / "shim.h"),
+               f"-I{CUDA_DIR}", f"-I{HOST}", str(HOST / f"{entry}.cpp"), "-o", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        _LIBS[key] = ctypes.CDLL(str(out))
+    return _LIBS[key]
+
+
+def _c(a):
+    if isinstance(a, np.uint64):
+        return ctypes.c_uint64(int(a))
+    if isinstance(a, np.int32):
+        return ctypes.c_int(int(a))
+    if isinstance(a, np.float32):
+        return ctypes.c_float(float(a))
+    raise TypeError(type(a))
+
+
+def _run(entry, config, build_dir):
+    defines, grid, block, args = config
+    fn = _lib(entry, defines, build_dir).run
+    fn.restype = None
+    fn(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block[0]), *[_c(a) for a in args])
+
+
+def host_uniform(x: torch.Tensor, w: ku.UniformGPUWeight, build_dir: Path) -> torch.Tensor:
+    y = torch.full((x.shape[0], w.out_features), float("nan"), dtype=x.dtype)
+    _run("uniform_entry", ku.launch_config(x, w, y), build_dir)
+    return y
+
+
+def host_vq(x: torch.Tensor, w: kvq.E8PGPUWeight, build_dir: Path) -> torch.Tensor:
+    y = torch.full((x.shape[0], w.out_features), float("nan"), dtype=x.dtype)
+    _run("vq_entry", kvq.launch_config(x, w, y), build_dir)
+    return y
+
+
+def _close(got, ref, tol):
+    assert not torch.isnan(got).any()
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= tol * (ref.abs().max().item() + 1e-30), err
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_host_uniform_kernel(fmt, batch, build_dir):
+    m = quant_linear(*fmt, out=20, n_in=576, seed=batch)  # 20 rows: the last block is partial
+    w = ku.UniformGPUWeight.from_quant_linear(m)
+    x = torch.randn(batch, 576, generator=torch.Generator().manual_seed(batch))
+    ref = F.linear(x.double(), m.dequantize_weight().double(), m.bias.double())
+    _close(host_uniform(x, w, build_dir), ref, 1e-5)  # fp32 in and out: only summation order differs
+    _close(host_uniform(x.half(), w, build_dir), F.linear(x.half().double(), m.dequantize_weight().double(),
+                                                          m.bias.double()), 2e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_host_uniform_odd_sizes_tiles_and_strides(bits, build_dir):
+    # K not a multiple of a chunk, more rows than one batch tile, a strided (unaligned) activation
+    m = quant_linear(bits, "uniform", False, 32, False, out=9, n_in=1504 + 32, seed=bits)
+    w = ku.UniformGPUWeight.from_quant_linear(m)
+    base = torch.randn(5, m.in_features + 1, generator=torch.Generator().manual_seed(0))
+    for x in (base[:, : m.in_features], base[:, 1:]):  # aligned rows with a longer stride; misaligned start
+        ref = F.linear(x.double(), m.dequantize_weight().double(), m.bias.double())
+        _close(host_uniform(x, w, build_dir), ref, 1e-5)
+
+
+def test_host_uniform_bf16_and_batch_16(build_dir):
+    m = quant_linear(4, "uniform", False, 64, True, out=16, n_in=1536, seed=3)
+    w = ku.UniformGPUWeight.from_quant_linear(m)
+    x = torch.randn(16, 1536, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ref = F.linear(x.double(), m.dequantize_weight().double(), m.bias.double())
+    _close(host_uniform(x, w, build_dir), ref, 1.6e-2)
+
+
+@pytest.mark.parametrize("stage2", [None, "e81b", "e8p"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_host_vq_kernel(stage2, batch, build_dir):
+    m = vq_linear(stage2, out=20, n_in=576 + 64, seed=batch)
+    w = kvq.E8PGPUWeight.from_vq_linear(m)
+    x = torch.randn(batch, m.in_features, generator=torch.Generator().manual_seed(batch))
+    ref = x.double() @ m.dequantize_rotated().double().T
+    _close(host_vq(x, w, build_dir), ref, 1e-5)
+    _close(host_vq(x.half(), w, build_dir), x.half().double() @ m.dequantize_rotated().double().T, 2e-3)
+    _close(host_vq(x[:, :].contiguous()[:, :], w, build_dir), ref, 1e-5)
+
+
+def test_host_vq_unaligned_activation(build_dir):
+    m = vq_linear("e81b", out=12, n_in=256, seed=1)
+    w = kvq.E8PGPUWeight.from_vq_linear(m)
+    base = torch.randn(3, 257, generator=torch.Generator().manual_seed(0)).half()
+    x = base[:, 1:]
+    _close(host_vq(x, w, build_dir), x.double() @ m.dequantize_rotated().double().T, 2e-3)
