@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import CUDA_DIR
+from lowbit.kernels import _runtime as rt
 from lowbit.kernels import uniform as ku
 from lowbit.kernels import vq as kvq
 
@@ -136,3 +137,46 @@ def test_host_vq_unaligned_activation(build_dir):
     base = torch.randn(3, 257, generator=torch.Generator().manual_seed(0)).half()
     x = base[:, 1:]
     _close(host_vq(x, w, build_dir), x.double() @ m.dequantize_rotated().double().T, 2e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused Hadamard transform (fwht.cu)
+
+
+def host_fwht(x: torch.Tensor, pre=None, post=None, build_dir: Path = None, out=None) -> torch.Tensor:
+    import lowbit
+    from lowbit.kernels import hadamard as kh
+
+    rows, n = x.shape
+    k, _ = kh._factor(n)
+    hk = torch.from_numpy(np.ascontiguousarray(lowbit.hadamard_matrix(k, normalize=False, dtype=np.float32))) if k > 1 else None
+    y = out if out is not None else torch.full_like(x, float("nan"))
+    name, grid, block, args, smem = kh.launch_config(x, y, pre, post, hk)
+    fn = _lib("fwht_entry", {"LOWBIT_DTYPE": rt.dtype_code(x)}, build_dir).run
+    fn.restype = None
+    fn(ctypes.c_int(int(name[len("fwht_r"):])), ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *[_c(a) for a in args])
+    return y
+
+
+@pytest.mark.parametrize("n,rows", [(8, 5), (64, 37), (256, 3), (96, 4), (576, 3), (1536, 2), (2048, 2), (4096, 1),
+                                    (11008, 1), (16384, 1)])
+def test_host_fwht_against_the_core(n, rows, build_dir):
+    import lowbit
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(rows, n, generator=g)
+    pre = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) * (torch.rand(n, generator=g) + 0.5)
+    post = torch.rand(n, generator=g) + 0.5
+    ref = torch.from_numpy(np.asarray(lowbit.hadamard((x * pre).numpy()))) * post
+    _close(host_fwht(x, pre, post, build_dir), ref, 1e-5)
+    _close(host_fwht(x.half(), None, None, build_dir), torch.from_numpy(np.asarray(lowbit.hadamard(x.half().float().numpy()))), 2e-3)
+
+
+def test_host_fwht_in_place_and_bf16(build_dir):
+    import lowbit
+
+    x = torch.randn(3, 1536, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = torch.from_numpy(np.asarray(lowbit.hadamard(x.float().numpy())))
+    y = x.clone()
+    host_fwht(y, None, None, build_dir, out=y)
+    _close(y, ref, 1.6e-2)

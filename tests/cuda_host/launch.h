@@ -17,6 +17,7 @@ void emulate_launch(dim3 grid, dim3 block, F&& f) {
                     bars.emplace_back(new std::barrier<>(32));
                     warps[w].bar = bars.back().get();
                 }
+                std::barrier<> block_bar(n);
                 std::vector<std::thread> threads;
                 for (unsigned t = 0; t < n; ++t)
                     threads.emplace_back([&, t] {
@@ -25,6 +26,7 @@ void emulate_launch(dim3 grid, dim3 block, F&& f) {
                         blockDim = block;
                         gridDim = grid;
                         lowbit_warp = &warps[t / 32];
+                        lowbit_block = &block_bar;
                         f();
                     });
                 for (auto& th : threads) th.join();

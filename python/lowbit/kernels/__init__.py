@@ -46,7 +46,7 @@ KERNEL_BUILDS: list[tuple[str, dict, tuple[str, ...]]] = [
     for st in (0, 1, 2)
     for dt in (0, 1, 2)
     for bt in (1, 2, 4, 8, 16)
-]
+] + [("fwht.cu", {"LOWBIT_DTYPE": dt}, ("fwht_r1", "fwht_r2", "fwht_r4")) for dt in (0, 1, 2)]
 
 
 def compile_all(arch: str = "compute_90") -> dict[tuple[str, tuple], int]:

@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.Tensor:
     """The transform of the last axis without copying a strided input first.
 
@@ -37,6 +40,10 @@ def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.T
     transformed in that order and permuted back (the result keeps the input's layout). With
     ``inplace`` (float32 only) the input's memory is overwritten instead of allocating: fresh
     output memory costs more than the transform itself on small CPUs (page faults).
+
+    CUDA float16/bfloat16/float32 tensors run the fused kernel (:func:`lowbit.kernels.hadamard.fwht`,
+    in place when ``inplace``) when CuPy is installed and ``LOWBIT_CUDA_KERNELS`` is not ``0``;
+    otherwise they take the CPU path.
     """
     from ..ops import hadamard
 
@@ -49,6 +56,14 @@ def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.T
             xp, back = x.permute(perm), [perm.index(d) for d in range(x.dim())]
     if not xp.is_contiguous():
         xp, back, inplace = x.contiguous(), None, True  # a copy of our own: transform it in place
+    if xp.is_cuda and xp.dtype in _CUDA_DTYPES and xp.numel():
+        from ..kernels import kernels_enabled
+
+        if kernels_enabled():  # the fused CUDA transform (lowbit.kernels.hadamard.fwht)
+            from ..kernels.hadamard import fwht
+
+            y = fwht(xp, inverse=inverse, out=xp if inplace else None)
+            return y.permute(back) if back is not None else y
     if xp.dtype == torch.float32 and xp.device.type == "cpu" and xp.numel():
         # the hot path (every token of every layer): straight to the core, no generic array plumbing
         from .. import _core
@@ -83,7 +98,8 @@ def online_hadamard(x: torch.Tensor, inverse: bool = False, *, inplace: bool = F
     Args:
         x: float tensor ``(..., n)``; fp16/bf16 are computed in fp32 and returned in their dtype.
         inverse: apply ``Hᵀ`` instead of ``H`` (the same for exact sizes, whose matrices are symmetric).
-        inplace: overwrite ``x`` (CPU float32 without autograd; otherwise ignored) — for temporaries
+        inplace: overwrite ``x`` (CPU float32, or CUDA with the kernels, without autograd;
+            otherwise ignored) — for temporaries
             the caller owns, such as the queries/keys inside attention.
 
     Returns:
