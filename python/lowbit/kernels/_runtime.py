@@ -30,6 +30,7 @@ __all__ = [
     "compile_ptx",
     "cupy_available",
     "cuda_ready",
+    "on_device",
     "get_kernel",
     "launch",
     "ptr",
@@ -110,9 +111,15 @@ def cupy_available() -> bool:
     return True
 
 
+def on_device(t: torch.Tensor) -> bool:
+    """``t`` lives where the kernels run (a CUDA tensor). The one place that asks, so the tests'
+    host build of the kernels can stand in for the GPU."""
+    return t.is_cuda
+
+
 def cuda_ready(t: Optional[torch.Tensor] = None) -> bool:
     """The CUDA kernels can run here (a CUDA device and CuPy), and on ``t`` when given (a CUDA tensor)."""
-    if t is not None and not t.is_cuda:
+    if t is not None and not on_device(t):
         return False
     return torch.cuda.is_available() and cupy_available()
 

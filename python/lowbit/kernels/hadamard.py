@@ -201,7 +201,7 @@ def fwht(
     pre_v, post_v = _vector(pre, n, "pre"), _vector(post, n, "post")
     if out is not None:
         _check_out(out, x)
-    if not x.is_cuda:
+    if not _runtime.on_device(x):
         raise KernelError(f"x: fwht runs on CUDA tensors, got one on {x.device} (use lowbit.hadamard on the CPU)")
     with torch.no_grad():
         dev = x.device

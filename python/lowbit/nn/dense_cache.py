@@ -53,13 +53,13 @@ class DenseCache:
         """This forward runs lowbit's CUDA kernels: a CUDA float16/bfloat16/float32 input without
         autograd, CUDA and CuPy present, no dense cache requested, kernels not switched off
         (``LOWBIT_CUDA_KERNELS=0``)."""
-        if not x.is_cuda or self.cache_dequantized or x.dtype not in _KERNEL_DTYPES:
+        if self.cache_dequantized or x.dtype not in _KERNEL_DTYPES:
             return False
         if x.requires_grad and torch.is_grad_enabled():
             return False
-        from ..kernels import kernels_enabled
+        from ..kernels import _runtime, kernels_enabled
 
-        return kernels_enabled()
+        return _runtime.on_device(x) and kernels_enabled()
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight the forward multiplies by, in ``dtype`` (cached when ``cache_dequantized``)."""

@@ -32,6 +32,12 @@ __all__ = [
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _kernel_device(x: torch.Tensor) -> bool:
+    from ..kernels import _runtime
+
+    return _runtime.on_device(x)
+
+
 def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.Tensor:
     """The transform of the last axis without copying a strided input first.
 
@@ -56,7 +62,7 @@ def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.T
             xp, back = x.permute(perm), [perm.index(d) for d in range(x.dim())]
     if not xp.is_contiguous():
         xp, back, inplace = x.contiguous(), None, True  # a copy of our own: transform it in place
-    if xp.is_cuda and xp.dtype in _CUDA_DTYPES and xp.numel():
+    if xp.dtype in _CUDA_DTYPES and xp.numel() and _kernel_device(xp):
         from ..kernels import kernels_enabled
 
         if kernels_enabled():  # the fused CUDA transform (lowbit.kernels.hadamard.fwht)
