@@ -99,6 +99,26 @@ __device__ __forceinline__ void load_x(const act_t* __restrict__ xr, const int* 
     }
 }
 
+// The chunk `ch` (WPC words) of rows row0 .. row0+RPW-1; rows past N read as zero codes.
+__device__ __forceinline__ void load_chunk(const u32* __restrict__ qw, const int words_per_row, const int row0,
+                                           const int N, const int ch, u32 (&q)[RPW][WPC]) {
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int row = row0 + r;
+        if (row < N) {
+            const uint4* p = (const uint4*)(qw + (size_t)row * words_per_row + (size_t)ch * WPC);
+#pragma unroll
+            for (int j = 0; j < WPC / 4; ++j) {
+                const uint4 t = __ldg(p + j);
+                q[r][4 * j] = t.x; q[r][4 * j + 1] = t.y; q[r][4 * j + 2] = t.z; q[r][4 * j + 3] = t.w;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < WPC; ++j) q[r][j] = 0u;
+        }
+    }
+}
+
 template <int BT>
 __device__ __forceinline__ void uniform_gemm(
     const u32* __restrict__ qw, const int words_per_row,
@@ -119,23 +139,12 @@ __device__ __forceinline__ void uniform_gemm(
         for (int b = 0; b < BT; ++b) acc[r][b] = 0.0f;
 
     const int chunks = words_per_row / WPC;
+    // Double buffering: the next chunk's codes are loaded before this chunk is decoded, so every
+    // warp keeps two 128-bit loads per row in flight.
+    u32 q[RPW][WPC], qn[RPW][WPC];
+    if (lane < chunks) load_chunk(qw, words_per_row, row0, N, lane, q);
     for (int ch = lane; ch < chunks; ch += 32) {
-        u32 q[RPW][WPC];
-#pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-            const int row = row0 + r;
-            if (row < N) {
-                const uint4* p = (const uint4*)(qw + (size_t)row * words_per_row + (size_t)ch * WPC);
-#pragma unroll
-                for (int j = 0; j < WPC / 4; ++j) {
-                    const uint4 t = __ldg(p + j);
-                    q[r][4 * j] = t.x; q[r][4 * j + 1] = t.y; q[r][4 * j + 2] = t.z; q[r][4 * j + 3] = t.w;
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < WPC; ++j) q[r][j] = 0u;
-            }
-        }
+        if (ch + 32 < chunks) load_chunk(qw, words_per_row, row0, N, ch + 32, qn);
 #pragma unroll
         for (int u = 0; u < UPC; ++u) {
             const int k = ch * CPC + u * UC;
@@ -170,6 +179,10 @@ __device__ __forceinline__ void uniform_gemm(
                 }
             }
         }
+#pragma unroll
+        for (int r = 0; r < RPW; ++r)
+#pragma unroll
+            for (int j = 0; j < WPC; ++j) q[r][j] = qn[r][j];
     }
 
 #pragma unroll

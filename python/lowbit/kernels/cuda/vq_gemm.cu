@@ -60,6 +60,36 @@ __device__ __forceinline__ void load_x8(const act_t* __restrict__ xr, const int 
     }
 }
 
+// The codes of one chunk (8 codes = 64 weights) of RPW rows, both stages.
+struct Chunk {
+    u32 c0[RPW][4];
+#if LOWBIT_STAGE2 == 1
+    u32 c1[RPW][2];
+#elif LOWBIT_STAGE2 == 2
+    u32 c1[RPW][4];
+#endif
+};
+
+// Rows past N load row N-1: their sums are computed and never stored.
+__device__ __forceinline__ void load_chunk(const u16* __restrict__ c0, const void* __restrict__ c1,
+                                           const int codes_per_row, const int row0, const int N, const int ch,
+                                           Chunk& q) {
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int row = min(row0 + r, N - 1);
+        const size_t at = (size_t)row * codes_per_row + (size_t)ch * CODES_PER_CHUNK;
+        const uint4 t = __ldg((const uint4*)(c0 + at));
+        q.c0[r][0] = t.x; q.c0[r][1] = t.y; q.c0[r][2] = t.z; q.c0[r][3] = t.w;
+#if LOWBIT_STAGE2 == 1
+        const uint2 t1 = __ldg((const uint2*)((const unsigned char*)c1 + at));
+        q.c1[r][0] = t1.x; q.c1[r][1] = t1.y;
+#elif LOWBIT_STAGE2 == 2
+        const uint4 t1 = __ldg((const uint4*)((const u16*)c1 + at));
+        q.c1[r][0] = t1.x; q.c1[r][1] = t1.y; q.c1[r][2] = t1.z; q.c1[r][3] = t1.w;
+#endif
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) vq_gemm_kernel(
     const u16* __restrict__ c0, const void* __restrict__ c1, const int codes_per_row,  // padded row length
     const float* __restrict__ abs_tab, const float* __restrict__ tab1, const float gain1,
@@ -80,27 +110,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) vq_gemm_kernel(
         for (int b = 0; b < BT; ++b) acc[r][b] = 0.0f;
 
     const int chunks = codes_per_row / CODES_PER_CHUNK;
+    // Double buffering: the next chunk's codes are loaded before this chunk is decoded.
+    Chunk q, qn;
+    if (lane < chunks) load_chunk(c0, c1, codes_per_row, row0, N, lane, q);
     for (int ch = lane; ch < chunks; ch += 32) {
-        u32 q0[RPW][4];
-#if LOWBIT_STAGE2 == 1
-        u32 q1[RPW][2];
-#elif LOWBIT_STAGE2 == 2
-        u32 q1[RPW][4];
-#endif
-#pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-            const int row = min(row0 + r, N - 1);  // rows past N compute garbage that is never stored
-            const size_t at = (size_t)row * codes_per_row + (size_t)ch * CODES_PER_CHUNK;
-            const uint4 t = __ldg((const uint4*)(c0 + at));
-            q0[r][0] = t.x; q0[r][1] = t.y; q0[r][2] = t.z; q0[r][3] = t.w;
-#if LOWBIT_STAGE2 == 1
-            const uint2 t1 = __ldg((const uint2*)((const unsigned char*)c1 + at));
-            q1[r][0] = t1.x; q1[r][1] = t1.y;
-#elif LOWBIT_STAGE2 == 2
-            const uint4 t1 = __ldg((const uint4*)((const u16*)c1 + at));
-            q1[r][0] = t1.x; q1[r][1] = t1.y; q1[r][2] = t1.z; q1[r][3] = t1.w;
-#endif
-        }
+        if (ch + 32 < chunks) load_chunk(c0, c1, codes_per_row, row0, N, ch + 32, qn);
 #pragma unroll
         for (int u = 0; u < CODES_PER_CHUNK; ++u) {
             const int v = ch * CODES_PER_CHUNK + u;
@@ -108,9 +122,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) vq_gemm_kernel(
             float w[RPW][8];
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
-                e8p_decode((q0[r][u >> 1] >> ((u & 1) * 16)) & 0xffffu, abs_tab, w[r]);
+                e8p_decode((q.c0[r][u >> 1] >> ((u & 1) * 16)) & 0xffffu, abs_tab, w[r]);
 #if LOWBIT_STAGE2 == 1
-                const u32 c = (q1[r][u >> 2] >> ((u & 3) * 8)) & 0xffu;
+                const u32 c = (q.c1[r][u >> 2] >> ((u & 3) * 8)) & 0xffu;
                 const float4* t = (const float4*)(tab1 + (size_t)c * 8);
                 const float4 t0 = __ldg(t), t1 = __ldg(t + 1);
                 w[r][0] = fmaf(gain1, t0.x, w[r][0]); w[r][1] = fmaf(gain1, t0.y, w[r][1]);
@@ -119,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) vq_gemm_kernel(
                 w[r][6] = fmaf(gain1, t1.z, w[r][6]); w[r][7] = fmaf(gain1, t1.w, w[r][7]);
 #elif LOWBIT_STAGE2 == 2
                 float w1[8];
-                e8p_decode((q1[r][u >> 1] >> ((u & 1) * 16)) & 0xffffu, abs_tab, w1);
+                e8p_decode((q.c1[r][u >> 1] >> ((u & 1) * 16)) & 0xffffu, abs_tab, w1);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) w[r][i] = fmaf(gain1, w1[i], w[r][i]);
 #endif
@@ -139,6 +153,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) vq_gemm_kernel(
                 }
             }
         }
+        q = qn;
     }
 
 #pragma unroll
