@@ -61,18 +61,25 @@ def peak_bandwidth(name: str, override: Optional[float]) -> float:
     return float("nan")
 
 
-def time_graph(fn: Callable[[], Any], calls: int = 20, replays: int = 20, repeats: int = 5) -> float:
-    """Seconds per ``fn()`` call: ``calls`` calls captured in one CUDA graph, replayed."""
+def capture(fn: Callable[[], Any], calls: int = 1, warmup: int = 3) -> tuple[Any, Any]:
+    """``(graph, output of the last call)``: ``fn`` run ``warmup`` times on a side stream (kernels
+    compiled, caches filled), then ``calls`` calls captured in one CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(calls):
-            fn()
+            out = fn()
+    return g, out
+
+
+def time_graph(fn: Callable[[], Any], calls: int = 20, replays: int = 20, repeats: int = 5) -> float:
+    """Seconds per ``fn()`` call: ``calls`` calls captured in one CUDA graph, replayed."""
+    g, _ = capture(fn, calls)
     g.replay()
     torch.cuda.synchronize()
     times = []
@@ -201,15 +208,7 @@ def decode_rate(model: Any, prompt: torch.Tensor, n_new: int, graph: bool) -> fl
             return model(static_tok, past_key_values=cache, cache_position=static_pos, use_cache=True).logits
 
         if graph:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                logits = step()
+            g, logits = capture(step, warmup=2)
             run = g.replay
         else:
             logits = None

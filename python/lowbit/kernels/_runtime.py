@@ -34,6 +34,7 @@ __all__ = [
     "get_kernel",
     "launch",
     "ptr",
+    "run_matmul",
     "DTYPE_CODES",
     "dtype_code",
 ]
@@ -185,9 +186,32 @@ def dtype_code(x: torch.Tensor, arg: str = "x") -> int:
     return code
 
 
+def check_activation(x: Any, in_features: int) -> torch.Tensor:
+    """``x`` is a float16/bfloat16/float32 tensor whose last axis is ``in_features``."""
+    if not isinstance(x, torch.Tensor):
+        raise ShapeError(f"x: must be a torch tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPE_CODES:
+        raise DTypeError(f"x: must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ShapeError(f"x: last axis must be in_features={in_features}, got shape {tuple(x.shape)}")
+    return x
+
+
 def check_cuda(t: torch.Tensor, arg: str, device: torch.device) -> None:
     """``t`` lives on ``device`` (the layer's weights)."""
     if not isinstance(t, torch.Tensor):
         raise ShapeError(f"{arg}: must be a torch tensor, got {type(t).__name__}")
     if t.device != device:
         raise KernelError(f"{arg}: is on {t.device}, the weights are on {device}")
+
+
+def run_matmul(source: str, func: str, config: Any, x2: torch.Tensor, w: Any, n_out: int) -> torch.Tensor:
+    """Launch a matmul kernel of ``source`` on ``x2`` ``(B, K)`` (unit stride along K; copied
+    when not): ``config(x2, w, y)`` gives ``(defines, grid, block, args)`` for the new ``(B, n_out)``
+    output ``y``, which is returned."""
+    if x2.stride(-1) != 1 or x2.stride(0) < x2.shape[1]:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n_out, dtype=x2.dtype, device=x2.device)
+    defines, grid, block, args = config(x2, w, y)
+    launch(get_kernel(source, func, defines, x2.device), grid, block, args, x2.device)
+    return y

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DTypeError, ShapeError, UnsupportedSizeError
+from ..errors import ShapeError, UnsupportedSizeError
 from . import _runtime as rt
 
 __all__ = ["UniformGPUWeight", "uniform_matmul", "launch_config", "emulate_uniform_matmul", "container_bits", "MAX_KERNEL_BATCH"]
@@ -240,16 +240,6 @@ class UniformGPUWeight:
 # the matmul
 
 
-def _check_x(x: Any, w: UniformGPUWeight) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ShapeError(f"x: must be a torch tensor, got {type(x).__name__}")
-    if x.dtype not in rt.DTYPE_CODES:
-        raise DTypeError(f"x: must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.ndim == 0 or x.shape[-1] != w.in_features:
-        raise ShapeError(f"x: last axis must be in_features={w.in_features}, got shape {tuple(x.shape)}")
-    return x
-
-
 def uniform_matmul(x: torch.Tensor, w: UniformGPUWeight, *, use_kernel: Optional[bool] = None) -> torch.Tensor:
     """``y = x·Wᵀ + bias`` for a CUDA activation ``x`` of shape ``(..., K)`` (float16/bfloat16/float32).
 
@@ -261,7 +251,7 @@ def uniform_matmul(x: torch.Tensor, w: UniformGPUWeight, *, use_kernel: Optional
         DTypeError, ShapeError: a wrong dtype or last axis.
         KernelError: ``x`` not on the weight's CUDA device, or no CUDA/CuPy.
     """
-    x = _check_x(x, w)
+    x = rt.check_activation(x, w.in_features)
     rt.check_cuda(x, "x", w.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
@@ -275,12 +265,7 @@ def uniform_matmul(x: torch.Tensor, w: UniformGPUWeight, *, use_kernel: Optional
         dense = w.dequantize().to(x.dtype)
         bias = None if w.bias is None else w.bias.to(x.dtype)
         return F.linear(x, dense, bias)
-    if x2.stride(-1) != 1 or x2.stride(0) < w.in_features:
-        x2 = x2.contiguous()
-    y = torch.empty(b, w.out_features, dtype=x.dtype, device=x.device)
-    defines, grid, block, args = launch_config(x2, w, y)
-    fn = rt.get_kernel("uniform_gemm.cu", "uniform_gemm_kernel", defines, x.device)
-    rt.launch(fn, grid, block, args, x.device)
+    y = rt.run_matmul("uniform_gemm.cu", "uniform_gemm_kernel", launch_config, x2, w, w.out_features)
     return y.reshape(*lead, w.out_features)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DTypeError, ShapeError, UnsupportedSizeError
+from ..errors import UnsupportedSizeError
 from . import _runtime as rt
 
 __all__ = ["E8PGPUWeight", "vq_matmul", "launch_config", "emulate_vq_matmul", "e8p_tables", "kernel_supports"]
@@ -152,12 +152,7 @@ def vq_matmul(x: torch.Tensor, w: E8PGPUWeight, *, use_kernel: Optional[bool] = 
     Raises:
         DTypeError, ShapeError: a wrong dtype or last axis. KernelError: wrong device, no CUDA/CuPy.
     """
-    if not isinstance(x, torch.Tensor):
-        raise ShapeError(f"x: must be a torch tensor, got {type(x).__name__}")
-    if x.dtype not in rt.DTYPE_CODES:
-        raise DTypeError(f"x: must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.ndim == 0 or x.shape[-1] != w.in_features:
-        raise ShapeError(f"x: last axis must be in_features={w.in_features}, got shape {tuple(x.shape)}")
+    x = rt.check_activation(x, w.in_features)
     rt.check_cuda(x, "x", w.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
@@ -165,12 +160,7 @@ def vq_matmul(x: torch.Tensor, w: E8PGPUWeight, *, use_kernel: Optional[bool] = 
     kernel = b <= MAX_KERNEL_BATCH if use_kernel is None else use_kernel
     if not kernel or b == 0:
         return F.linear(x, w.dequantize_rotated().to(x.dtype))
-    if x2.stride(-1) != 1 or x2.stride(0) < w.in_features:
-        x2 = x2.contiguous()
-    y = torch.empty(b, w.out_features, dtype=x.dtype, device=x.device)
-    defines, grid, block, args = launch_config(x2, w, y)
-    fn = rt.get_kernel("vq_gemm.cu", "vq_gemm_kernel", defines, x.device)
-    rt.launch(fn, grid, block, args, x.device)
+    y = rt.run_matmul("vq_gemm.cu", "vq_gemm_kernel", launch_config, x2, w, w.out_features)
     return y.reshape(*lead, w.out_features)
 
 
