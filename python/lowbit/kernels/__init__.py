@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from . import _runtime
 from ._runtime import CUDA_DIR, compile_ptx, cuda_ready, cupy_available, nvrtc_options, source_path
 
 __all__ = [
@@ -26,12 +29,19 @@ __all__ = [
     "source_path",
     "KERNEL_BUILDS",
     "kernels_enabled",
+    "runs_on_kernels",
 ]
 
 def kernels_enabled() -> bool:
     """CUDA forwards of the quantized layers use the kernels: CUDA and CuPy are present and the
     environment does not say ``LOWBIT_CUDA_KERNELS=0`` (then they decode a dense weight on the GPU)."""
     return os.environ.get("LOWBIT_CUDA_KERNELS", "1") != "0" and cuda_ready()
+
+
+def runs_on_kernels(x: torch.Tensor) -> bool:
+    """A forward of ``x`` takes the kernels: a float16/bfloat16/float32 tensor on the kernels'
+    device (CUDA) with the kernels enabled (:func:`kernels_enabled`)."""
+    return x.dtype in _runtime.DTYPE_CODES and _runtime.on_device(x) and kernels_enabled()
 
 
 #: Every (source, defines, extern "C" kernel names) the library compiles; :func:`compile_all` and

@@ -16,8 +16,6 @@ import torch
 
 __all__ = ["DenseCache"]
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 class DenseCache:
     """Mixin for an ``nn.Module`` whose :meth:`_dense` decodes its stored weight (float32)."""
@@ -53,13 +51,11 @@ class DenseCache:
         """This forward runs lowbit's CUDA kernels: a CUDA float16/bfloat16/float32 input without
         autograd, CUDA and CuPy present, no dense cache requested, kernels not switched off
         (``LOWBIT_CUDA_KERNELS=0``)."""
-        if self.cache_dequantized or x.dtype not in _KERNEL_DTYPES:
+        if self.cache_dequantized or (x.requires_grad and torch.is_grad_enabled()):
             return False
-        if x.requires_grad and torch.is_grad_enabled():
-            return False
-        from ..kernels import _runtime, kernels_enabled
+        from ..kernels import runs_on_kernels
 
-        return _runtime.on_device(x) and kernels_enabled()
+        return runs_on_kernels(x)
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight the forward multiplies by, in ``dtype`` (cached when ``cache_dequantized``)."""

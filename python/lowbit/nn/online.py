@@ -29,15 +29,6 @@ __all__ = [
 ]
 
 
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _kernel_device(x: torch.Tensor) -> bool:
-    from ..kernels import _runtime
-
-    return _runtime.on_device(x)
-
-
 def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.Tensor:
     """The transform of the last axis without copying a strided input first.
 
@@ -62,14 +53,13 @@ def _fwht_last(x: torch.Tensor, inverse: bool, inplace: bool = False) -> torch.T
             xp, back = x.permute(perm), [perm.index(d) for d in range(x.dim())]
     if not xp.is_contiguous():
         xp, back, inplace = x.contiguous(), None, True  # a copy of our own: transform it in place
-    if xp.dtype in _CUDA_DTYPES and xp.numel() and _kernel_device(xp):
-        from ..kernels import kernels_enabled
+    from ..kernels import runs_on_kernels
 
-        if kernels_enabled():  # the fused CUDA transform (lowbit.kernels.hadamard.fwht)
-            from ..kernels.hadamard import fwht
+    if xp.numel() and runs_on_kernels(xp):  # the fused CUDA transform (lowbit.kernels.hadamard.fwht)
+        from ..kernels.hadamard import fwht
 
-            y = fwht(xp, inverse=inverse, out=xp if inplace else None)
-            return y.permute(back) if back is not None else y
+        y = fwht(xp, inverse=inverse, out=xp if inplace else None)
+        return y.permute(back) if back is not None else y
     if xp.dtype == torch.float32 and xp.device.type == "cpu" and xp.numel():
         # the hot path (every token of every layer): straight to the core, no generic array plumbing
         from .. import _core
