@@ -301,6 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quip", action="store_true", help="also decode with w2-quip (no fine-tuning)")
     ap.add_argument("--peak-gbs", type=float, default=None, help="memory bandwidth of the GPU in GB/s")
     ap.add_argument("--decode-device", default="cuda", help="cpu: only check the decode loop (no kernels)")
+    ap.add_argument("--json-out", default=None, help="also write the raw rows as JSON here")
     args = ap.parse_args(argv)
 
     presets = ["w4-rtn", "w2-rtn"] + (["w2-quip+finetune_steps=0+e2e_steps=0"] if args.quip else [])
@@ -328,6 +329,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     dec = [] if args.skip_decode else decode_rows(presets, 32 if args.quick else 128)
     md = markdown(info, mm, fw, dec)
     print(md)
+    if args.json_out:
+        import json
+
+        Path(args.json_out).write_text(json.dumps(dict(info=info, matmul=mm, fwht=fw, decode=dec), indent=2))
     if not args.no_write:
         from _results import write_results
 
