@@ -33,21 +33,20 @@ constexpr int UPC = (BITS == 3) ? 16 : 8;          // units per chunk
 constexpr int CPC = UC * UPC;                      // codes per chunk
 constexpr int WPC = (BITS == 3) ? 12 : 4;          // 32-bit words per chunk
 
-// vals[i] = code_i · 2^(BITS·i) (BITS 2/4/8) or code_i (BITS 3), unit u of chunk q.
-__device__ __forceinline__ void unit_codes(const u32 (&q)[WPC], const int u, float (&vals)[UC]) {
+// vals[i] = code_i · 2^(BITS·i) (BITS 2/4/8) or code_i (BITS 3) of one unit: for BITS 2/4/8 `lo`
+// holds the unit's 16 bits in its low half (the high half is ignored by the masks); for BITS 3 the
+// low 16 bits of `lo` are the 2-bit parts and the low 8 bits of `hi` the high bits.
+__device__ __forceinline__ void unit_codes(const u32 lo, const u32 hi, float (&vals)[UC]) {
 #if LOWBIT_BITS == 3
-    const u32 lo = (q[u >> 1] >> ((u & 1) * 16)) & 0xffffu;
-    const u32 hi = (q[8 + (u >> 2)] >> ((u & 3) * 8)) & 0xffu;
 #pragma unroll
     for (int i = 0; i < UC; ++i) {
         const u32 c = ((lo >> (2 * i)) & 3u) | (((hi >> i) & 1u) << 2);
         vals[i] = magic_float(c) - LOWBIT_MAGIC_F;
     }
 #else
-    const u32 h = (u & 1) ? (q[u >> 1] >> 16) : q[u >> 1];
     constexpr u32 M = (1u << BITS) - 1u;
 #pragma unroll
-    for (int i = 0; i < UC; ++i) vals[i] = magic_float(h & (M << (BITS * i))) - LOWBIT_MAGIC_F;
+    for (int i = 0; i < UC; ++i) vals[i] = magic_float(lo & (M << (BITS * i))) - LOWBIT_MAGIC_F;
 #endif
 }
 
@@ -145,38 +144,68 @@ __device__ __forceinline__ void uniform_gemm(
     if (lane < chunks) load_chunk(qw, words_per_row, row0, N, lane, q);
     for (int ch = lane; ch < chunks; ch += 32) {
         if (ch + 32 < chunks) load_chunk(qw, words_per_row, row0, N, ch + 32, qn);
+        // The chunk's words carrying units (all 4; at 3 bits the 8 low-plane words) are consumed from
+        // q[r][0], two units each, and shifted down after use: the loop need not be unrolled (large
+        // batch tiles) and every register index stays a compile-time constant.
+#pragma unroll(BT >= 8 ? 1 : UPC / 2)
+        for (int wi = 0; wi < UPC / 2; ++wi) {
 #pragma unroll
-        for (int u = 0; u < UPC; ++u) {
-            const int k = ch * CPC + u * UC;
-            if (k >= K) break;  // padding at the end of the row
-            const int g = k / group_size;  // the host checks group_size % UC == 0
-            float w[RPW][UC], s[RPW], z[RPW];
+            for (int h = 0; h < 2; ++h) {
+                const int u = 2 * wi + h;
+                const int k = ch * CPC + u * UC;
+                if (k < K) {  // else: padding at the end of the row
+                    const int g = k / group_size;  // the host checks group_size % UC == 0
+                    float w[RPW][UC], s[RPW], z[RPW];
+#pragma unroll
+                    for (int r = 0; r < RPW; ++r) {
+#if LOWBIT_BITS == 3
+                        // high bits of unit u: byte (u & 3) of hi-plane word u >> 2 (q[r][8] after shifts)
+                        unit_codes(q[r][0] >> (16 * h), q[r][8] >> (8 * (2 * (wi & 1) + h)), w[r]);
+#else
+                        unit_codes(h ? q[r][0] >> 16 : q[r][0], 0u, w[r]);
+#endif
+                        const int row = min(row0 + r, N - 1);
+                        s[r] = h2f(__ldg(scales + (size_t)row * n_groups + g));
+                        z[r] = zeros ? h2f(__ldg(zeros + (size_t)row * n_groups + g)) : zero_const;
+                    }
+#pragma unroll
+                    for (int b = 0; b < BT; ++b) {
+                        const int bb = b0 + b;
+                        if (bb < B) {
+                            float xv[UC];
+                            load_x(x + (size_t)bb * ldx, perm, k, K, vec, xv);
+                            float xs = 0.0f;
+#pragma unroll
+                            for (int i = 0; i < UC; ++i) {
+                                xs += xv[i];
+                                xv[i] *= pos_scale(i);
+                            }
+#pragma unroll
+                            for (int r = 0; r < RPW; ++r) {
+                                float p = 0.0f;
+#pragma unroll
+                                for (int i = 0; i < UC; ++i) p = fmaf(xv[i], w[r][i], p);
+                                acc[r][b] = fmaf(s[r], fmaf(-z[r], xs, p), acc[r][b]);
+                            }
+                        }
+                    }
+                }
+            }
+            // shift: the next unit-carrying word into q[r][0]; at 3 bits the high-plane words move
+            // on every second word (each covers two low-plane words)
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
-                unit_codes(q[r], u, w[r]);
-                const int row = min(row0 + r, N - 1);
-                s[r] = h2f(__ldg(scales + (size_t)row * n_groups + g));
-                z[r] = zeros ? h2f(__ldg(zeros + (size_t)row * n_groups + g)) : zero_const;
-            }
+#if LOWBIT_BITS == 3
 #pragma unroll
-            for (int b = 0; b < BT; ++b) {
-                const int bb = b0 + b;
-                if (bb >= B) break;
-                float xv[UC];
-                load_x(x + (size_t)bb * ldx, perm, k, K, vec, xv);
-                float xs = 0.0f;
+                for (int j = 0; j < 7; ++j) q[r][j] = q[r][j + 1];
+                if (wi & 1) {
 #pragma unroll
-                for (int i = 0; i < UC; ++i) {
-                    xs += xv[i];
-                    xv[i] *= pos_scale(i);
+                    for (int j = 8; j < 11; ++j) q[r][j] = q[r][j + 1];
                 }
+#else
 #pragma unroll
-                for (int r = 0; r < RPW; ++r) {
-                    float p = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < UC; ++i) p = fmaf(xv[i], w[r][i], p);
-                    acc[r][b] = fmaf(s[r], fmaf(-z[r], xs, p), acc[r][b]);
-                }
+                for (int j = 0; j < WPC - 1; ++j) q[r][j] = q[r][j + 1];
+#endif
             }
         }
 #pragma unroll
