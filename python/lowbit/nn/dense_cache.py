@@ -32,6 +32,18 @@ class DenseCache:
         dev = bufs[0].device if bufs else None
         return (dtype, dev) + tuple((t.data_ptr(), t._version) for t in bufs)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # The buffers are storage, not compute (packed codes, fp16 scales, signs): they follow device
+        # moves, never dtype casts (``.half()`` / ``.to(torch.bfloat16)`` cast only the bias).
+        keep = {n: t for n, t in self._buffers.items() if t is not None}
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self.clear_cache()
+        return result
+
     def clear_cache(self) -> None:
         """Drop the dense weight kept by ``cache_dequantized`` and the GPU layout."""
         self._cache = None

@@ -370,11 +370,11 @@ class QuantLinear(DenseCache, nn.Module):
     handles_input_transform = True  # forward applies ``lowbit_input`` itself (see lowbit.nn.online)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b: Optional[torch.Tensor] = self.bias
-        if b is not None and b.dtype != x.dtype:
-            b = b.to(x.dtype)
         t = self._modules.get("lowbit_input")
-        gpu = self.use_cuda_kernels(x)
+        gpu = self.use_cuda_kernels(x)  # the GPU layout carries the bias itself (float32)
+        b: Optional[torch.Tensor] = self.bias
+        if not gpu and b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
         if t is not None:
             if t.hadamard:
                 x = online_hadamard(x)
@@ -410,17 +410,6 @@ class QuantLinear(DenseCache, nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # nn.Module plumbing
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # scales / zeros are fp16 storage: follow device moves, never dtype casts.
-        keep = {n: self._buffers[n] for n in ("scales", "zeros") if self._buffers.get(n) is not None}
-        result = super()._apply(fn, recurse)
-        for name, old in keep.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        self.clear_cache()
-        return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
         for name, dtype in _STORAGE_DTYPES.items():

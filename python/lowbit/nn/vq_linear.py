@@ -424,17 +424,6 @@ class VQLinear(DenseCache, nn.Module):
     # ------------------------------------------------------------------------------------------
     # nn.Module plumbing
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # the stored tensors are storage, not compute: follow device moves, never dtype casts.
-        keep = {n: t for n, t in self._buffers.items() if t is not None}
-        result = super()._apply(fn, recurse)
-        for name, old in keep.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        self.clear_cache()
-        return result
-
     def extra_repr(self) -> str:
         parts = []
         for s in self.stage_specs:
