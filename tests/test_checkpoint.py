@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import lowbit.io as lio
 from lowbit.errors import CheckpointError
 from lowbit.io import checkpoint as ckpt
+from lowbit.io import publish
 from lowbit.nn import QuantLinear
 
+from checkpoint_tools import edit_config, rewrite_tensors
 from test_quant_linear import make_qw
 
 transformers = pytest.importorskip("transformers")
@@ -60,11 +61,11 @@ def logits(model, seed: int = 0) -> torch.Tensor:
         return model(ids).logits
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(vocab_size: int = TINY["vocab_size"]):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(TINY["vocab_size"] - 1)}
-    vocab["<unk>"] = TINY["vocab_size"] - 1
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["<unk>"] = vocab_size - 1
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
@@ -111,12 +112,12 @@ def test_round_trip_logits_identical(tmp_path, arch, tie):
 
 def test_config_json_layout(saved):
     model, out = saved
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lowbit_manifest.json", "model.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 64
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "lowbit" and qc["format_version"] == 1 and qc["recipe"] == RECIPE
+    assert qc["quant_method"] == "lowbit" and qc["format_version"] == 2 and qc["recipe"] == RECIPE
     assert len(qc["layers"]) == 14
     q = qc["layers"]["model.layers.0.self_attn.q_proj"]
     assert q == {
@@ -127,7 +128,7 @@ def test_config_json_layout(saved):
     assert qc["layers"]["model.layers.1.self_attn.k_proj"]["packing"] == "base3"
     assert lio.read_quantization_config(out) == qc
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert f.metadata()["lowbit_format_version"] == "1"
+        assert f.metadata()["lowbit_format_version"] == "2"
         assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.uint8
         assert f.get_tensor("model.layers.0.self_attn.q_proj.scales").dtype == torch.float16
         assert f.get_tensor("model.layers.0.self_attn.q_proj.perm").dtype == torch.int64
@@ -189,7 +190,7 @@ def test_existing_dir_refused_then_overwritten(tmp_path):
 
 
 def test_overwrite_without_atomic_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_rename_exchange", lambda a, b: False)
+    monkeypatch.setattr(publish, "_rename_exchange", lambda a, b: None)
     out = lio.save(tiny_model(seed=0), tmp_path / "ck", quantization_config={"recipe": RECIPE})
     second = tiny_model(seed=1)
     lio.save(second, out, quantization_config={"recipe": RECIPE}, overwrite=True)
@@ -225,7 +226,7 @@ def test_crash_mid_save_leaves_old_folder_and_no_temp(tmp_path, monkeypatch, ove
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ckpt, "_write_json", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         lio.save(tiny_model(seed=1), out, quantization_config={"recipe": RECIPE}, overwrite=overwrite)
     if overwrite:
         assert os.listdir(tmp_path) == ["ck"]
@@ -243,17 +244,11 @@ def test_crash_mid_save_leaves_old_folder_and_no_temp(tmp_path, monkeypatch, ove
 Q = "model.layers.0.self_attn.q_proj"
 
 
-def _rewrite(ck: Path, edit) -> None:
-    f = ck / "model.safetensors"
-    tensors = load_file(str(f))
-    edit(tensors)
-    save_file(tensors, str(f))
+_rewrite = rewrite_tensors
 
 
 def _set_qc(ck: Path, **fields) -> None:
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["quantization_config"].update(fields)
-    (ck / "config.json").write_text(json.dumps(cfg))
+    edit_config(ck, lambda cfg: cfg["quantization_config"].update(fields))
 
 
 def test_truncated_safetensors(saved, tmp_path):
@@ -306,10 +301,13 @@ def test_wrong_dtype(saved, tmp_path):
 
 def test_bad_config(saved, tmp_path):
     ck = copy_checkpoint(saved[1], tmp_path / "ck")
-    _set_qc(ck, format_version=2)
+    _set_qc(ck, format_version=3)
     with pytest.raises(CheckpointError, match="format_version"):
         lio.load(ck)
-    _set_qc(ck, format_version=1, quant_method="gptq")
+    _set_qc(ck, format_version=1)
+    with pytest.raises(CheckpointError, match="format_version: 1 was written by an earlier lowbit"):
+        lio.load(ck)
+    _set_qc(ck, format_version=2, quant_method="gptq")
     with pytest.raises(CheckpointError, match="quant_method"):
         lio.load(ck)
     _set_qc(ck, quant_method="lowbit", layers={"model.layers.9.mlp.up_proj": saved[0].model.layers[0].mlp.up_proj.metadata()})

@@ -286,7 +286,7 @@ def test_checkpoint_rejects_a_corrupt_vq_entry(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     name = "model.layers.0.self_attn.k_proj"
     cfg["quantization_config"]["layers"][name]["stages"][1]["codebook"] = "e9"
-    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "config.json").write_text(json.dumps(cfg))  # refused while reading config.json, before the digest
     with pytest.raises(CheckpointError, match=r"k_proj.*stages\[1\].codebook"):
         lio.load(path)
     cfg["quantization_config"]["layers"][name]["stages"][1]["codebook"] = "e81b"

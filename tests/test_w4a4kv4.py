@@ -144,16 +144,20 @@ def test_recipes_that_need_data_say_so():
 
 
 def test_checkpoint_rejects_a_bad_online_section(tmp_path):
-    import json
-
     model = lowbit.quantize(tiny_model("llama"), [Rotate("quarot"), ActQuant(8)], progress=False)
     out = lio.save(model, tmp_path / "ck")
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"]["online"]["inputs"]["model.layers.9.mlp.down_proj"] = {"hadamard": True, "act": None}
-    (out / "config.json").write_text(json.dumps(cfg))
+    from checkpoint_tools import edit_config
+
+    def add(cfg):
+        cfg["quantization_config"]["online"]["inputs"]["model.layers.9.mlp.down_proj"] = {"hadamard": True, "act": None}
+
+    edit_config(out, add)
     with pytest.raises(lowbit.CheckpointError, match="online.inputs\\['model.layers.9.mlp.down_proj'\\]: .*no module"):
         lio.load(out)
-    cfg["quantization_config"]["online"]["inputs"] = {"model.layers.0.mlp.down_proj": {"hadamard": True, "act": {"bits": 1}}}
-    (out / "config.json").write_text(json.dumps(cfg))
+
+    def bad_bits(cfg):
+        cfg["quantization_config"]["online"]["inputs"] = {"model.layers.0.mlp.down_proj": {"hadamard": True, "act": {"bits": 1}}}
+
+    edit_config(out, bad_bits)
     with pytest.raises(lowbit.CheckpointError, match="bits"):
         lio.load(out)

@@ -1,10 +1,10 @@
 """Packed checkpoints: save / load a model whose linears are :class:`~lowbit.nn.QuantLinear` (DESIGN §4).
 
-Layout of a checkpoint folder (format_version 1)::
+Layout of a checkpoint folder (format_version 2)::
 
     config.json          the Hugging Face model config (``model.config.to_dict()``) plus
                          "quantization_config": {
-                             "quant_method": "lowbit", "format_version": 1,
+                             "quant_method": "lowbit", "format_version": 2,
                              "recipe": [...],                      # as given by the caller
                              "layers": {"model.layers.0.self_attn.q_proj": {
                                  "in_features", "out_features", "bits", "group_size", "kind", "sym",
@@ -22,66 +22,120 @@ Layout of a checkpoint folder (format_version 1)::
                          asymmetric), ``W.perm`` (int64, act-order), ``W.bias``; a vector-quantized
                          one ``W.codes{s}`` (uint8), ``W.table{s}`` (fp16), ``W.rows{s}`` (int32),
                          ``W.row_scale`` (fp16), ``W.su``/``W.sv`` (uint8 sign bits); header metadata
-                         ``{"format": "pt", "lowbit_format_version": "1"}``
+                         ``{"format": "pt", "lowbit_format_version": "2",
+                         "lowbit_description_sha256": ...}``
     tokenizer files      when a tokenizer was given (``tokenizer.save_pretrained``)
+    lowbit_report.json   when a report was given: timings and statistics of the run (the only
+                         file whose bytes differ between two runs of the same recipe and seed)
+    lowbit_manifest.json what lowbit wrote: every file's size and SHA-256 (the report's only by
+                         name), so an overwrite replaces only a folder that holds nothing else
+
+**The description.** What :func:`load` builds is decided by three parts of ``config.json``: the
+architecture keys its adapter allows (:meth:`~lowbit.models.adapters.Adapter.check_config`; every
+other key, e.g. ``_attn_implementation`` or ``auto_map``, is ignored), ``layers`` and ``online``.
+Their SHA-256 is stored in the weights file's header, so a config edited after saving (a flipped
+``tie_word_embeddings``, a deleted ``online`` section) or paired with other weights is refused, not
+loaded as a different model.
 
 A rotated model (QuaRot / SpinQuant) is stored with its rotations folded into the weights (and
 ``tie_word_embeddings`` false, since the head and embeddings differ); the online parts — Hadamards on
 ``down_proj`` inputs and on queries/keys, activation quantizers, KV quantizers with their calibrated
 tensors (``…self_attn.lowbit_kv.*``) — are rebuilt by :func:`load` from ``"online"``.
 
-Only JSON and safetensors are written or read: loading never unpickles and never runs remote code.
+**Loading an untrusted checkpoint.** Only JSON and safetensors are read: loading never unpickles,
+never runs remote code and never resolves hub kernels. Only regular files are read, JSON with a size
+cap and strict parsing (:mod:`lowbit.io.untrusted`); every size in ``config.json`` is type- and
+range-checked and the layer count checked against the tensors before any module is built; every
+tensor is checked for name, shape, dtype and finiteness. Any violation is a :class:`CheckpointError`
+naming the file, field or tensor.
 
-Saving is atomic: everything is written into a hidden temp folder beside ``out_dir`` (same
-filesystem), fsynced, then renamed into place. Replacing an existing checkpoint (``overwrite=True``)
-swaps the two folders with one ``renameat2(RENAME_EXCHANGE)`` where the OS offers it (Linux), else
-renames the old folder aside first; either way a crash leaves the old checkpoint or the new one at
-``out_dir`` (with the two-rename fallback, a crash between the renames leaves the old one as
-``.<name>.lowbit-old-*`` beside it).
+**Saving** is atomic and never loses a user's file (:mod:`lowbit.io.publish`): the folder is
+written beside ``out_dir`` and renamed into place in one step; without ``overwrite`` an existing
+``out_dir`` is never touched (even one created while the save runs); with it, only a folder that
+holds exactly what an earlier lowbit save wrote (its manifest) is replaced. The same model and
+``quantization_config`` give byte-identical files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
+import hashlib
 import json
 import os
-import shutil
-import sys
-import tempfile
+import stat
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..grids.base import GRID_KINDS
 from ..nn.quant_linear import PackingFormat, QuantLinear
 from ..nn.vq_linear import VQLinear
+from .publish import publish, seal, staging
+from .untrusted import check_regular_file, read_json
 
 __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "MANIFEST_NAME",
+    "REPORT_NAME",
     "save",
     "load",
     "load_with_tokenizer",
     "read_quantization_config",
+    "read_report",
+    "check_replaceable",
 ]
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (2,)
 QUANT_METHOD = "lowbit"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_TMP_TAG = ".lowbit-tmp-"
-_OLD_TAG = ".lowbit-old-"
+MANIFEST_NAME = "lowbit_manifest.json"
+REPORT_NAME = "lowbit_report.json"
+_MANIFEST_FORMAT = "lowbit-manifest"
+_MAX_MANIFEST_BYTES = 1 << 20
+_DIGEST_KEY = "lowbit_description_sha256"
+_MAX_FEATURES = 1 << 24
 _QUANT_TENSORS = {"qweight": torch.uint8, "scales": torch.float16, "zeros": torch.float16, "perm": torch.int64}
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the description: what load builds, and its digest
+
+
+def _adapter(model_type: Any, where: str) -> Any:
+    from ..models.adapters import adapter_for_type
+
+    try:
+        return adapter_for_type(model_type)
+    except UnsupportedModelError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _description(model_type: str, arch: dict, qc: dict) -> dict:
+    """Everything :func:`load` builds the model from (the recipe and report are informative only)."""
+    return {
+        "format_version": qc["format_version"],
+        "model_type": model_type,
+        "architecture": arch,
+        "layers": qc["layers"],
+        "online": qc.get("online", {}),
+    }
+
+
+def _digest(description: dict) -> str:
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,64 +149,78 @@ def save(
     quantization_config: Optional[dict] = None,
     tokenizer: Any = None,
     overwrite: bool = False,
+    report: Optional[dict] = None,
 ) -> Path:
     """Write ``model`` (a transformers causal LM with :class:`QuantLinear` layers) to ``out_dir``.
 
     Args:
-        model: a ``transformers.PreTrainedModel`` (it needs ``.config.to_dict()``).
+        model: a ``transformers.PreTrainedModel`` (it needs ``.config.to_dict()``) of an
+            architecture lowbit can load (``lowbit.models.supported_model_types()``).
         out_dir: the checkpoint folder to create.
         quantization_config: at least ``{"recipe": [...]}`` (JSON-serialisable); ``quant_method``,
-            ``format_version`` and ``layers`` are filled in here (``layers`` from the QuantLinear
-            modules found in the model; passing one is an error). ``None``: the recipe that
-            :func:`lowbit.quantize` left on the model (``model.lowbit_recipe``).
+            ``format_version``, ``layers`` and ``online`` are filled in here (passing ``layers`` or
+            ``online`` is an error). ``None``: the recipe that :func:`lowbit.quantize` left on the
+            model (``model.lowbit_recipe``).
         tokenizer: saved beside the weights with ``save_pretrained`` when given.
-        overwrite: replace an existing checkpoint at ``out_dir`` (only a lowbit checkpoint or an
-            empty folder is ever replaced).
+        overwrite: replace an existing ``out_dir`` — only an empty folder or a checkpoint that
+            holds nothing but what a lowbit save wrote (its ``lowbit_manifest.json``) is replaced.
+        report: JSON-serialisable statistics of the run (timings, errors) for ``lowbit_report.json``;
+            kept out of ``config.json`` so that the other files are byte-identical across runs.
 
     Returns:
-        ``out_dir`` as a :class:`~pathlib.Path`.
+        ``out_dir`` as an absolute :class:`~pathlib.Path`.
 
     Raises:
-        CheckpointError: ``out_dir`` exists (without ``overwrite``), or is not a checkpoint to
-            replace; a bad ``quantization_config``; a model that cannot be serialised.
+        CheckpointError: ``out_dir`` exists (without ``overwrite``; also when it appears while
+            the save runs), or holds files lowbit did not write; a bad ``quantization_config``;
+            a model that cannot be serialised or loaded back; the folder cannot be written (the
+            message gives the OS reason: read-only, disk full, …). Nothing is left behind.
     """
     out_dir = Path(os.path.abspath(out_dir))
     if quantization_config is None:
         recipe = getattr(model, "lowbit_recipe", None)
         quantization_config = {"recipe": recipe.to_list() if recipe is not None else []}
-    config = _config_json(model, quantization_config)
+    config, digest = _config_json(model, quantization_config)
+    if report is not None:
+        _check_json("report", report)
     tensors = _state_tensors(model)
 
-    if out_dir.exists() or out_dir.is_symlink():
+    if os.path.lexists(out_dir):
         if not overwrite:
             raise CheckpointError(f"out_dir: {str(out_dir)!r} already exists; pass overwrite=True to replace it")
-        _check_replaceable(out_dir)
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_TAG}", dir=parent))
+        check_replaceable(out_dir)  # early, before writing; checked again under the lock at the swap
     try:
-        _write_weights(tensors, tmp / WEIGHTS_NAME)
-        _write_json(config, tmp / CONFIG_NAME)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_path(f)
-        _fsync_path(tmp, directory=True)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with staging(out_dir) as tmp:
+            _write_weights(tensors, tmp / WEIGHTS_NAME, digest)
+            _write_json(config, tmp / CONFIG_NAME)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if report is not None:
+                _write_json(report, tmp / REPORT_NAME)
+            _write_manifest(tmp, volatile=(REPORT_NAME,) if report is not None else ())
+            seal(tmp)
+            publish(tmp, out_dir, overwrite=overwrite, replaceable=check_replaceable)
+    except OSError as e:
+        raise CheckpointError(f"out_dir: cannot write {str(out_dir)!r}: {e.strerror or e}") from e
     return out_dir
 
 
-def _config_json(model: nn.Module, quantization_config: dict) -> dict:
+def _check_json(where: str, obj: Any) -> None:
+    try:
+        json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: not JSON-serialisable: {e}") from None
+
+
+def _config_json(model: nn.Module, quantization_config: dict) -> tuple[dict, str]:
+    """``(config.json content, description digest)``, checked as :func:`load` will check them."""
     if not isinstance(quantization_config, dict):
         raise CheckpointError(f"quantization_config: must be a dict, got {type(quantization_config).__name__}")
     qc = dict(quantization_config)
-    if "layers" in qc:
-        raise CheckpointError("quantization_config: 'layers' is filled in by lowbit.io.save; do not pass it")
+    for key in ("layers", "online"):
+        if key in qc:
+            raise CheckpointError(f"quantization_config: {key!r} is filled in by lowbit.io.save; do not pass it")
     if qc.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
         raise CheckpointError(f"quantization_config.quant_method: must be {QUANT_METHOD!r}, got {qc['quant_method']!r}")
     if qc.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
@@ -170,8 +238,6 @@ def _config_json(model: nn.Module, quantization_config: dict) -> dict:
     online = _online_config(model)
     if online:
         qc["online"] = online
-    elif "online" in qc:
-        raise CheckpointError("quantization_config: 'online' is filled in by lowbit.io.save; do not pass it")
 
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "to_dict"):
@@ -182,11 +248,13 @@ def _config_json(model: nn.Module, quantization_config: dict) -> dict:
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
     cfg["quantization_config"] = qc
-    try:
-        json.dumps(cfg, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"quantization_config: not JSON-serialisable: {e}") from None
-    return cfg
+    _check_json("quantization_config", cfg)
+    cfg = json.loads(json.dumps(cfg))  # the digest is taken of what load will parse back
+    qc = cfg["quantization_config"]
+    for name, meta in qc["layers"].items():
+        _check_layer_meta(name, meta)
+    arch = _adapter(cfg["model_type"], "model.config.model_type").check_config(cfg)
+    return cfg, _digest(_description(cfg["model_type"], arch, qc))
 
 
 def _online_config(model: nn.Module) -> dict:
@@ -228,10 +296,30 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _write_weights(tensors: dict[str, torch.Tensor], path: Path, digest: str) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt", "lowbit_format_version": str(FORMAT_VERSION)})
+    metadata = {"format": "pt", "lowbit_format_version": str(FORMAT_VERSION), _DIGEST_KEY: digest}
+    save_file(tensors, str(path), metadata=metadata)
+    _canonical_header(path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the safetensors header of ``path`` with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map, so its order (and the file's bytes) changes from
+    run to run. The rewrite has the same length and leaves the tensor entries and data untouched.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+        obj = json.loads(header)
+        obj["__metadata__"] = dict(sorted(obj.get("__metadata__", {}).items()))
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:  # pragma: no cover - the same keys and values cannot grow
+            raise CheckpointError(f"{WEIGHTS_NAME}: cannot rewrite its header in place")
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -240,93 +328,117 @@ def _write_json(obj: dict, path: Path) -> None:
         f.write("\n")
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:
-            return  # platforms that cannot open directories (Windows)
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace anything but a lowbit checkpoint or an empty folder."""
-    if not out_dir.is_dir() or out_dir.is_symlink():
+def _write_manifest(folder: Path, volatile: tuple[str, ...]) -> None:
+    """``lowbit_manifest.json``: the name, size and SHA-256 of every file in ``folder`` (``volatile``
+    ones by name only), i.e. exactly what this save owns."""
+    files, other = {}, []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False):
+            raise CheckpointError(f"out_dir: the tokenizer wrote {entry.name!r}, which is not a plain file; lowbit does not publish it")
+        if entry.name in volatile:
+            other.append(entry.name)
+        else:
+            p = Path(entry.path)
+            files[entry.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    _write_json({"format": _MANIFEST_FORMAT, "version": 1, "files": files, "volatile": other}, folder / MANIFEST_NAME)
+
+
+def _owned_files(folder: Path) -> Optional[set[str]]:
+    """The file names the manifest in ``folder`` lists, or ``None`` when there is no valid one."""
+    try:
+        m = read_json(folder / MANIFEST_NAME, MANIFEST_NAME, _MAX_MANIFEST_BYTES)
+    except CheckpointError:
+        return None
+    if not isinstance(m, dict) or m.get("format") != _MANIFEST_FORMAT:
+        return None
+    files, volatile = m.get("files"), m.get("volatile", [])
+    if not isinstance(files, dict) or not isinstance(volatile, list):
+        return None
+    names = [*files, *volatile]
+    if not all(isinstance(n, str) and n and "/" not in n and os.sep not in n and n not in (".", "..") for n in names):
+        return None
+    return set(names) | {MANIFEST_NAME}
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything but an empty folder or a folder holding exactly what a lowbit save
+    wrote (the files its manifest lists, or fewer).
+
+    Raises:
+        CheckpointError: ``out_dir`` is not a folder, has no valid ``lowbit_manifest.json``, or
+            holds files or folders the manifest does not list (the message names them).
+    """
+    st = os.lstat(out_dir)
+    if not stat.S_ISDIR(st.st_mode):
         raise CheckpointError(f"out_dir: {str(out_dir)!r} exists and is not a folder; not replacing it")
-    if not any(out_dir.iterdir()):
+    entries = set(os.listdir(out_dir))
+    if not entries:
         return
-    try:
-        with open(out_dir / CONFIG_NAME, encoding="utf-8") as f:
-            qc = json.load(f).get("quantization_config", {})
-        ok = isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-    except (OSError, ValueError, AttributeError):
-        ok = False
-    if not ok:
+    owned = _owned_files(out_dir)
+    if owned is None:
         raise CheckpointError(
-            f"out_dir: {str(out_dir)!r} exists and is not a lowbit checkpoint; not replacing it even with overwrite=True"
+            f"out_dir: {str(out_dir)!r} exists and is not a lowbit checkpoint (no valid {MANIFEST_NAME}); "
+            "not replacing it even with overwrite=True"
         )
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EINVAL)):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    parent = out_dir.parent
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.rename(tmp, out_dir)
-        _fsync_path(parent, directory=True)
-        return
-    if _rename_exchange(tmp, out_dir):  # out_dir is new, tmp now holds the old checkpoint
-        _fsync_path(parent, directory=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_OLD_TAG}", dir=parent))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    _fsync_path(parent, directory=True)
-    shutil.rmtree(old, ignore_errors=True)
+    extra = sorted(entries - owned)
+    if extra:
+        raise CheckpointError(
+            f"out_dir: {str(out_dir)!r} holds {_names(extra)}, which lowbit did not write; not replacing it "
+            "(move them out of the folder first)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # load
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A checkpoint folder whose description has been read and checked (no tensor data read yet)."""
+
+    path: Path
+    config: dict
+    qc: dict
+    model_type: str
+    arch: dict
+
+
 def read_quantization_config(path: PathLike) -> dict:
-    """The validated ``quantization_config`` of the checkpoint at ``path`` (no weights read)."""
-    return _read_config(Path(path))[1]
+    """The validated ``quantization_config`` of the checkpoint at ``path`` (the weights file's header
+    is read to check the description; no tensor data is)."""
+    return _open(Path(path)).qc
+
+
+def read_report(path: PathLike) -> Optional[dict]:
+    """The run report saved beside the checkpoint (``lowbit_report.json``), ``None`` if there is none.
+
+    Raises:
+        CheckpointError: the report exists but is not a regular file of valid JSON holding an object.
+    """
+    f = Path(path) / REPORT_NAME
+    if not os.path.lexists(f):
+        return None
+    report = read_json(f, REPORT_NAME)
+    if not isinstance(report, dict):
+        raise CheckpointError(f"{REPORT_NAME}: must hold a JSON object, got {type(report).__name__}")
+    return report
 
 
 def load(path: PathLike, *, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild the model saved by :func:`save`, with its :class:`QuantLinear` layers packed.
 
-    The architecture comes from ``config.json`` (``transformers.AutoConfig.for_model`` +
+    The architecture comes from the allow-listed keys of ``config.json`` (``AutoConfig.for_model`` +
     ``AutoModelForCausalLM.from_config``, parameters created on the meta device, no remote code);
-    every tensor comes from ``model.safetensors``, checked strictly.
+    every tensor comes from ``model.safetensors``, checked strictly. See the module docstring for
+    what is checked before anything is built.
 
     Args:
         device: where the model is placed.
@@ -337,28 +449,35 @@ def load(path: PathLike, *, device: Any = "cpu", dtype: torch.dtype = torch.floa
         The model in eval mode.
 
     Raises:
-        CheckpointError: a missing/unreadable ``config.json`` or ``model.safetensors``, an unknown
-            ``quant_method``/``format_version``/``model_type``, a layer entry that does not fit the
-            architecture, a missing or unexpected tensor, a tensor of the wrong shape or dtype. The
-            message names the file, field or tensor.
+        CheckpointError: a missing, non-regular, oversized or malformed ``config.json`` or
+            ``model.safetensors``; an unknown ``quant_method``/``format_version``/``model_type``; a
+            config value out of range; a description that does not match the weights; a layer
+            entry that does not fit the architecture; a missing, unexpected, misshapen, mistyped
+            or non-finite tensor. The message names the file, field or tensor.
     """
-    path = Path(path)
-    cfg, qc = _read_config(path)
-    model = _build_model(cfg)
-    _install_quant_layers(model, qc["layers"], dtype)
-    _install_online(model, qc.get("online", {}))
-    _load_tensors(model, path / WEIGHTS_NAME, dtype, device)
+    ck = _open(Path(path))
+    model = _build_model(ck.model_type, ck.arch)
+    _install_quant_layers(model, ck.qc["layers"], dtype)
+    _install_online(model, ck.qc.get("online", {}))
+    _load_tensors(model, ck.path / WEIGHTS_NAME, dtype, device)
     model.to(device)
     model.eval()
     return model
 
 
 def load_with_tokenizer(path: PathLike, *, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """:func:`load` plus the tokenizer saved beside the weights (``AutoTokenizer``, local files only)."""
+    """:func:`load` plus the tokenizer saved beside the weights (``AutoTokenizer``, local files only).
+
+    Every file in the folder must be a regular file or a folder (the tokenizer loader reads files
+    lowbit does not list, and a FIFO among them would block it).
+    """
     path = Path(path)
     model = load(path, device=device, dtype=dtype)
     from transformers import AutoTokenizer
 
+    for entry in os.scandir(path):
+        if not entry.is_dir():
+            check_regular_file(Path(entry.path), entry.name)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((path / n).exists() for n in names):
         raise CheckpointError(f"tokenizer: no tokenizer files ({', '.join(names)}) in {str(path)!r}")
@@ -369,17 +488,45 @@ def load_with_tokenizer(path: PathLike, *, device: Any = "cpu", dtype: torch.dty
     return model, tok
 
 
-def _read_config(path: Path) -> tuple[dict, dict]:
+def _open(path: Path) -> _Checkpoint:
+    """Read and check everything but the tensor data: config.json, the weights file's header, the
+    description digest, the layer count."""
     if not path.is_dir():
         raise CheckpointError(f"path: {str(path)!r} is not a checkpoint folder")
-    cfile = path / CONFIG_NAME
+    cfg, qc = _read_config(path)
+    model_type = cfg.get("model_type")
+    adapter = _adapter(model_type, f"{CONFIG_NAME}.model_type")
+    arch = adapter.check_config(cfg)
+    names, metadata = _read_header(path / WEIGHTS_NAME)
+    if metadata.get("lowbit_format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{WEIGHTS_NAME}: header says lowbit_format_version {metadata.get('lowbit_format_version')!r}, "
+            f"config.json says {FORMAT_VERSION}: the files come from different saves"
+        )
+    if metadata.get(_DIGEST_KEY) != _digest(_description(model_type, arch, qc)):
+        raise CheckpointError(
+            f"{CONFIG_NAME}: its model description (the architecture keys, quantization_config.layers and "
+            f".online) is not the one {WEIGHTS_NAME} was saved with — the config was edited after saving, "
+            "or belongs to other weights; re-save the model instead of editing config.json"
+        )
+    adapter.check_tensor_names(arch, names)
+    return _Checkpoint(path, cfg, qc, model_type, arch)
+
+
+def _read_header(file: Path) -> tuple[list[str], dict]:
+    """``(tensor names, header metadata)`` of a safetensors file (no tensor data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    check_regular_file(file, WEIGHTS_NAME)
     try:
-        with open(cfile, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{CONFIG_NAME}: missing in {str(path)!r}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{CONFIG_NAME}: cannot read {str(cfile)!r}: {e}") from None
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{WEIGHTS_NAME}: corrupt or truncated ({str(file)!r}): {e}") from None
+
+
+def _read_config(path: Path) -> tuple[dict, dict]:
+    cfg = read_json(path / CONFIG_NAME, CONFIG_NAME)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{CONFIG_NAME}: must hold a JSON object, got {type(cfg).__name__}")
     qc = cfg.get("quantization_config")
@@ -388,6 +535,11 @@ def _read_config(path: Path) -> tuple[dict, dict]:
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"quantization_config.quant_method: expected {QUANT_METHOD!r}, got {qc.get('quant_method')!r}")
     version = qc.get("format_version")
+    if version == 1:
+        raise CheckpointError(
+            "quantization_config.format_version: 1 was written by an earlier lowbit without a checked "
+            "description of the model; quantize and save the model again with this version"
+        )
     if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
         raise CheckpointError(
             f"quantization_config.format_version: unknown version {version!r}; this lowbit reads {SUPPORTED_FORMAT_VERSIONS}"
@@ -399,6 +551,12 @@ def _read_config(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"quantization_config.layers: must be an object, got {type(layers).__name__}")
     for name, meta in layers.items():
         _check_layer_meta(name, meta)
+    online = qc.get("online", {})
+    if not isinstance(online, dict) or set(online) - {"inputs", "attention"}:
+        raise CheckpointError(f"quantization_config.online: must be an object with 'inputs'/'attention', got {str(online)[:200]}")
+    for section in ("inputs", "attention"):
+        if not isinstance(online.get(section, {}), dict):
+            raise CheckpointError(f"quantization_config.online.{section}: must be an object, got {type(online[section]).__name__}")
     return cfg, qc
 
 
@@ -435,6 +593,9 @@ def _check_fields(where: str, meta: dict, fields: dict[str, tuple[type, ...]]) -
         v = meta[field]
         if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
             raise CheckpointError(f"{where}.{field}: must be {'/'.join(t.__name__ for t in types)}, got {v!r}")
+    for field in ("in_features", "out_features"):  # sizes bound before any module is built from them
+        if not 1 <= meta[field] <= _MAX_FEATURES:
+            raise CheckpointError(f"{where}.{field}: must be in [1, {_MAX_FEATURES}], got {meta[field]!r}")
 
 
 def _check_layer_meta(name: str, meta: Any) -> None:
@@ -488,23 +649,18 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _build_model(cfg: dict) -> nn.Module:
+
+def _build_model(model_type: str, arch: dict) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    model_type = kwargs.pop("model_type", None)
-    if not isinstance(model_type, str) or not model_type:
-        raise CheckpointError(f"{CONFIG_NAME}: model_type missing or invalid ({model_type!r})")
-    kwargs.pop("auto_map", None)  # never resolve remote code
     try:
-        hf_config = AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{CONFIG_NAME}.model_type: cannot build config for {model_type!r}: {e}") from None
-    try:
+        hf_config = AutoConfig.for_model(model_type, **arch)
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{CONFIG_NAME}.model_type: no causal-LM architecture for {model_type!r}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # transformers' own checks raise many kinds; the values came from the file
+        raise CheckpointError(f"{CONFIG_NAME}: cannot build a {model_type!r} model from it: {type(e).__name__}: {e}") from None
     return model
 
 
@@ -541,13 +697,8 @@ def _install_online(model: nn.Module, online: Any) -> None:
     so a KV quantizer's calibrated buffers are expected and filled)."""
     from ..nn.online import InputTransform, attach_input_transform
 
-    if not isinstance(online, dict) or set(online) - {"inputs", "attention"}:
-        raise CheckpointError(f"quantization_config.online: must be an object with 'inputs'/'attention', got {online!r}")
-    for section in ("inputs", "attention"):
-        entries = online.get(section, {})
-        if not isinstance(entries, dict):
-            raise CheckpointError(f"quantization_config.online.{section}: must be an object, got {type(entries).__name__}")
-        for name, cfg in entries.items():
+    for section in ("inputs", "attention"):  # the structure was checked by _read_config
+        for name, cfg in online.get(section, {}).items():
             where = f"quantization_config.online.{section}[{name!r}]"
             mod = _module(model, name, where)
             try:
@@ -569,8 +720,7 @@ def _install_online(model: nn.Module, online: Any) -> None:
 def _load_tensors(model: nn.Module, file: Path, dtype: torch.dtype, device: Any) -> None:
     from safetensors import SafetensorError, safe_open
 
-    if not file.is_file():
-        raise CheckpointError(f"{WEIGHTS_NAME}: missing in {str(file.parent)!r}")
+    check_regular_file(file, WEIGHTS_NAME)
 
     # Group state-dict names that are the same tensor (tied embeddings): a file holds one of them.
     expected = model.state_dict(keep_vars=True)
@@ -590,6 +740,13 @@ def _load_tensors(model: nn.Module, file: Path, dtype: torch.dtype, device: Any)
         missing = [names[0] for names in groups.values() if not any(n in keys for n in names)]
         if missing:
             raise CheckpointError(f"{WEIGHTS_NAME}: missing tensor(s) {_names(missing)}")
+        for names in groups.values():
+            stored = [n for n in names if n in keys]
+            if len(stored) > 1:  # one would silently win over the other
+                raise CheckpointError(
+                    f"{WEIGHTS_NAME}: {_names(stored)} are stored separately, but the architecture ties them "
+                    "(config.json's tie_word_embeddings)"
+                )
         for names in groups.values():
             key = next(n for n in names if n in keys)
             try:
@@ -638,6 +795,8 @@ def _assign(model: nn.Module, names: list[str], key: str, t: torch.Tensor, want:
         if t.dtype != want.dtype:
             raise CheckpointError(f"{key}: dtype {t.dtype} in {WEIGHTS_NAME}, expected {want.dtype}")
         value = t.to(device)
+    if t.is_floating_point():
+        _check_finite(key, t, leaf in getattr(owner, "infinite_buffers", ()))
     if isinstance(want, nn.Parameter):
         value = nn.Parameter(value, requires_grad=want.requires_grad and value.is_floating_point())
     for name in names:  # every alias gets the same object, so ties survive
@@ -647,3 +806,12 @@ def _assign(model: nn.Module, names: list[str], key: str, t: torch.Tensor, want:
             mod._parameters[leaf] = value  # type: ignore[assignment]
         else:
             mod._buffers[leaf] = value
+
+
+def _check_finite(key: str, t: torch.Tensor, infinities_ok: bool) -> None:
+    """Refuse NaN anywhere and ±inf unless the owning module declares the buffer may hold them."""
+    bad = torch.isnan(t) if infinities_ok else ~torch.isfinite(t)
+    if bool(bad.any()):
+        first = t[bad].flatten()[0].item()
+        count = int(bad.sum())
+        raise CheckpointError(f"{key}: holds {count} non-finite value(s) (first: {first}) in {WEIGHTS_NAME}")

@@ -21,12 +21,14 @@ Llama, Qwen2 and Mistral in ``transformers`` share one layout::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
+from .config_schema import Activation, Bool, Field, Float, Int, LayerTypes, Rope, TokenIds, check_config
 
 __all__ = [
     "Adapter",
@@ -37,7 +39,39 @@ __all__ = [
     "ADAPTERS",
     "supported_model_types",
     "get_adapter",
+    "adapter_for_type",
 ]
+
+_LLAMA_CONFIG: dict[str, Field] = {
+    "hidden_size": Int(hi=1 << 17),
+    "intermediate_size": Int(hi=1 << 20),
+    "num_hidden_layers": Int(hi=4096),
+    "num_attention_heads": Int(hi=4096),
+    "num_key_value_heads": Int(hi=4096, optional=True),
+    "head_dim": Int(hi=4096, optional=True),
+    "vocab_size": Int(hi=1 << 22),
+    "max_position_embeddings": Int(hi=1 << 24),
+    "hidden_act": Activation(),
+    "rms_norm_eps": Float(hi=1.0),
+    "rope_parameters": Rope(optional=True),
+    "attention_bias": Bool(),
+    "mlp_bias": Bool(),
+    "attention_dropout": Float(hi=1.0, closed_lo=True),
+    "tie_word_embeddings": Bool(),
+    "pretraining_tp": Int(hi=64),
+    "initializer_range": Float(hi=1.0, closed_lo=True),
+    "use_cache": Bool(),
+    "bos_token_id": TokenIds(optional=True),
+    "eos_token_id": TokenIds(optional=True),
+    "pad_token_id": TokenIds(optional=True),
+}
+_SLIDING: dict[str, Field] = {
+    "sliding_window": Int(hi=1 << 24, optional=True),
+    "use_sliding_window": Bool(),
+    "max_window_layers": Int(lo=0, hi=4096),
+    "layer_types": LayerTypes(optional=True),
+}
+
 
 
 @dataclass(frozen=True)
@@ -52,9 +86,14 @@ class Dims:
 
 
 class Adapter:
-    """The Llama layout; subclasses for architectures that share it only change ``model_types``."""
+    """The Llama layout; subclasses for architectures that share it only change ``model_types``
+    and the config keys they add."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    config_schema: ClassVar[Mapping[str, Field]] = _LLAMA_CONFIG
+    """The config keys a checkpoint may set for this architecture (the allow-list), with their types."""
+    layers_path: ClassVar[str] = "model.layers"
+    """Where the decoder layers are, as a state-dict prefix."""
     groups: ClassVar[tuple[tuple[str, ...], ...]] = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.o_proj",),
@@ -107,6 +146,59 @@ class Adapter:
             intermediate=int(c.intermediate_size),
         )
 
+    def check_config(self, cfg: Mapping[str, Any]) -> dict:
+        """The architecture keys of a checkpoint's ``config.json``, checked (see
+        :mod:`lowbit.models.config_schema`); unknown keys are dropped.
+
+        Raises:
+            CheckpointError: a bad value, or values that do not fit together (heads, head size,
+                token ids, per-layer lists).
+        """
+        arch = check_config(cfg, self.config_schema)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if key not in arch:
+                raise CheckpointError(f"config.json.{key}: missing")
+        heads = arch["num_attention_heads"]
+        kv = arch.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise CheckpointError(f"config.json.num_key_value_heads: {kv} does not divide num_attention_heads={heads}")
+        head_dim = arch.get("head_dim")
+        if head_dim is None:
+            if arch["hidden_size"] % heads:
+                raise CheckpointError(
+                    f"config.json.num_attention_heads: {heads} does not divide hidden_size={arch['hidden_size']} (and no head_dim)"
+                )
+            head_dim = arch["hidden_size"] // heads
+        if head_dim % 2:
+            raise CheckpointError(f"config.json.head_dim: RoPE needs an even head size, got {head_dim}")
+        for key in ("pad_token_id",):
+            ids = arch.get(key)
+            if ids is not None and any(i >= arch["vocab_size"] for i in (ids if isinstance(ids, list) else [ids])):
+                raise CheckpointError(f"config.json.{key}: {ids!r} is outside the vocabulary (vocab_size={arch['vocab_size']})")
+        types = arch.get("layer_types")
+        if types is not None and len(types) != arch["num_hidden_layers"]:
+            raise CheckpointError(
+                f"config.json.layer_types: {len(types)} entries for num_hidden_layers={arch['num_hidden_layers']}"
+            )
+        return arch
+
+    def check_tensor_names(self, arch: Mapping[str, Any], names: Any) -> None:
+        """Check ``arch`` against the tensor names a weights file holds before anything is built:
+        the decoder layers stored must be exactly ``0 .. num_hidden_layers - 1``.
+
+        Raises:
+            CheckpointError: naming the layer count found.
+        """
+        pat = re.compile(re.escape(self.layers_path) + r"\.(\d+)\.")
+        found = {int(m.group(1)) for n in names if (m := pat.match(n))}
+        want = arch["num_hidden_layers"]
+        if found != set(range(want)):
+            extra = sorted(found - set(range(want)))
+            hint = f"; layers {extra[:5]} are beyond it" if extra else f"; {len(set(range(want)) - found)} layers have no tensors"
+            raise CheckpointError(
+                f"config.json.num_hidden_layers: {want}, but the weights hold tensors of {len(found)} decoder layers{hint}"
+            )
+
     def linear_groups(self, layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
         """``[[(name, linear), ...], ...]``: a layer's linears in execution order, grouped by shared input.
 
@@ -136,10 +228,12 @@ class LlamaAdapter(Adapter):
 
 class Qwen2Adapter(Adapter):
     model_types = ("qwen2",)
+    config_schema = {**{k: v for k, v in _LLAMA_CONFIG.items() if k not in ("attention_bias", "mlp_bias")}, **_SLIDING}
 
 
 class MistralAdapter(Adapter):
     model_types = ("mistral",)
+    config_schema = {**{k: v for k, v in _LLAMA_CONFIG.items() if k not in ("attention_bias", "mlp_bias")}, **_SLIDING}
 
 
 ADAPTERS: dict[str, type[Adapter]] = {
@@ -150,6 +244,20 @@ ADAPTERS: dict[str, type[Adapter]] = {
 def supported_model_types() -> tuple[str, ...]:
     """The ``config.model_type`` values that have an adapter."""
     return tuple(ADAPTERS)
+
+
+def adapter_for_type(model_type: Any) -> Adapter:
+    """The adapter for a ``config.model_type`` value.
+
+    Raises:
+        UnsupportedModelError: no adapter knows it.
+    """
+    cls = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    if cls is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
+        )
+    return cls()
 
 
 def get_adapter(model: nn.Module) -> Adapter:

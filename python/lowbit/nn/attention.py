@@ -265,12 +265,7 @@ def install_attention(attn: Any, *, rotary: nn.Module, rotate_qk: bool = False, 
     if kv is not None:
         if not isinstance(kv, KVQuantizer):
             raise ValueRangeError(f"kv: must be a KVQuantizer or None, got {type(kv).__name__}")
-        heads = int(attn.config.num_key_value_heads)
-        if (kv.num_kv_heads, kv.head_dim) != (heads, int(attn.head_dim)):
-            raise ShapeError(
-                f"kv: quantizer for {kv.num_kv_heads} heads × {kv.head_dim} does not fit the attention's "
-                f"{heads} KV heads × head_dim {attn.head_dim}"
-            )
+        _check_kv_fits(attn, kv.num_kv_heads, kv.head_dim)
     if kv is None:
         attn._modules.pop("lowbit_kv", None)
     else:
@@ -283,6 +278,15 @@ def install_attention(attn: Any, *, rotary: nn.Module, rotate_qk: bool = False, 
     object.__setattr__(attn, _ROTARY_ATTR, rotary)
     object.__setattr__(attn, "forward", types.MethodType(lowbit_attention_forward, attn))
     return attn
+
+
+def _check_kv_fits(attn: Any, num_kv_heads: Any, head_dim: Any) -> None:
+    heads = int(attn.config.num_key_value_heads)
+    if (num_kv_heads, head_dim) != (heads, int(attn.head_dim)):
+        raise ShapeError(
+            f"kv: quantizer for {num_kv_heads} heads × {head_dim} does not fit the attention's "
+            f"{heads} KV heads × head_dim {attn.head_dim}"
+        )
 
 
 def uninstall_attention(attn: nn.Module) -> nn.Module:
@@ -311,12 +315,17 @@ def install_from_config(attn: nn.Module, cfg: Optional[dict], rotary: nn.Module)
 
     Raises:
         ValueRangeError: ``cfg`` is not such a dict.
+        ShapeError: its KV quantizer's heads / head size differ from the attention's (checked
+            before the quantizer is built, so a config cannot size its buffers).
     """
     if cfg is None:
         return uninstall_attention(attn)
     if not isinstance(cfg, dict) or set(cfg) - {"rotate_qk", "kv"}:
         raise ValueRangeError(f"cfg: expected {{'rotate_qk': bool, 'kv': dict | None}}, got {cfg!r}")
     kv_cfg = cfg.get("kv")
+    if isinstance(kv_cfg, dict):  # sizes checked before the quantizer allocates its buffers
+        _check_attention(attn)
+        _check_kv_fits(attn, kv_cfg.get("num_kv_heads"), kv_cfg.get("head_dim"))
     kv = None if kv_cfg is None else KVQuantizer.from_config(kv_cfg)
     return install_attention(attn, rotary=rotary, rotate_qk=bool(cfg.get("rotate_qk", False)), kv=kv)
 

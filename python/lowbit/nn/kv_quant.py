@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -419,6 +419,10 @@ class KVQuantizer(nn.Module):
 
     The Python attribute ``enabled`` (not saved) lets calibration run the attention unquantized.
     """
+
+    infinite_buffers: ClassVar[frozenset[str]] = frozenset({"key_lo", "key_hi"})
+    """Buffers that may hold ±inf (an uncalibrated range); a checkpoint loader refuses NaN anywhere
+    and infinities everywhere else."""
 
     key_lo: torch.Tensor
     key_hi: torch.Tensor

@@ -121,8 +121,8 @@ class QuantLinear(DenseCache, nn.Module):
     Args:
         in_features, out_features: the dense weight is ``(out_features, in_features)``.
         bits: code width (1–8 uniform; 2 ternary; 1 binary).
-        group_size: input columns per scale/zero group (``in_features`` for per-channel); the last
-            group is shorter when it does not divide ``in_features``.
+        group_size: input columns per scale/zero group, ``1 .. in_features`` (``in_features`` for
+            per-channel); the last group is shorter when it does not divide ``in_features``.
         kind: ``"uniform"``, ``"ternary"`` or ``"binary"``.
         sym: no per-group zeros; ``zero_const`` is every group's zero point.
         zero_const: constant zero point when ``sym`` (default: ``2^(bits−1)`` uniform, 1 ternary,
@@ -171,7 +171,7 @@ class QuantLinear(DenseCache, nn.Module):
             raise ValueRangeError(f"bits: a ternary grid has bits=2 (stored base-3), got {bits}")
         if kind == "binary" and bits != 1:
             raise ValueRangeError(f"bits: a binary grid has bits=1, got {bits}")
-        self.group_size = _check_int(group_size, "group_size", 1)
+        self.group_size = _check_int(group_size, "group_size", 1, self.in_features)
         self.sym = bool(sym)
         if zero_const is None:
             zero_const = _default_zero_const(kind, bits, self.sym)
