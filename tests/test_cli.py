@@ -76,4 +76,113 @@ def test_corrupt_checkpoint(capsys, tmp_path):
     _one_line_error(err)
     rc, _, err = _run(capsys, "inspect", str(tmp_path / "missing"))
     assert rc == 2
-    assert "config.json" in _one_line_error(err)
+    assert "not a checkpoint folder" in _one_line_error(err)
+
+
+# ----------------------------------------------------------------------------------------------
+# checked before any work is done; inputs that used to give random or broken models
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A tiny full-precision Llama as a Hugging Face folder (weights + tokenizer)."""
+    from lowbit.models.tiny import TINY_VOCAB, tiny_model
+
+    from test_checkpoint import tiny_tokenizer
+
+    d = tmp_path / "hf"
+    tiny_model("llama", seed=0).save_pretrained(d)
+    tiny_tokenizer(TINY_VOCAB).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import lowbit.models
+
+    def fail(*a, **k):
+        raise AssertionError("the model was loaded before the argument was checked")
+
+    monkeypatch.setattr(lowbit.models, "load_model", fail)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--threads", "-1"], "--threads: must be at least 1, got -1"),
+    (["--threads", "many"], "--threads: must be an integer"),
+    (["--seqlen", "0"], "--seqlen: must be at least 1"),
+    (["--calib-samples", "-5"], "--calib-samples: must be at least 1"),
+])
+def test_bad_numbers_are_one_line_errors(capsys, tmp_path, no_model_loading, args, match):
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "o"), *args)
+    assert rc == 2
+    assert match in _one_line_error(err)
+
+
+def test_unwritable_output_is_refused_before_quantizing(capsys, tmp_path, no_model_loading, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "file" / "sub" / "o"))
+    assert rc == 2 and "which is not a folder" in _one_line_error(err)
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", "/proc/lowbit/o")
+    assert rc == 2 and "--out: cannot write under '/proc'" in _one_line_error(err)
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "ro" / "o"))
+    assert rc == 2 and "read-only filesystem" in _one_line_error(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created on the way
+
+
+def test_overwrite_of_a_foreign_folder_is_refused_before_quantizing(capsys, tmp_path, no_model_loading):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "lowbit"}}))
+    (tmp_path / "o" / "mine.txt").write_text("keep me")
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "o"), "--overwrite")
+    assert rc == 2 and "not a lowbit checkpoint" in _one_line_error(err)
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
+
+
+def test_quantizing_a_lowbit_checkpoint_or_a_folder_missing_a_tensor_is_refused(capsys, tmp_path, hf_folder):
+    from safetensors.torch import load_file, save_file
+
+    import lowbit
+    from lowbit.models.tiny import tiny_model
+
+    ck = lowbit.save(lowbit.quantize(tiny_model("llama"), "w4-rtn", progress=False), tmp_path / "ck")
+    rc, _, err = _run(capsys, "quantize", "--model", str(ck), "--recipe", "w4-rtn", "--no-eval", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "is a lowbit checkpoint (already quantized)" in _one_line_error(err)
+
+    f = hf_folder / "model.safetensors"
+    tensors = load_file(str(f))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    rc, _, err = _run(capsys, "quantize", "--model", str(hf_folder), "--recipe", "w4-rtn", "--no-eval", "--out", str(tmp_path / "o"))
+    assert rc == 2
+    line = _one_line_error(err)
+    assert "has no tensor for 'model.layers.1.mlp.down_proj.weight'" in line and "randomly" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_seqlen_beyond_the_models_positions_is_refused(capsys, tmp_path, hf_folder):
+    rc, _, err = _run(capsys, "quantize", "--model", str(hf_folder), "--recipe", "w4-rtn", "--seqlen", "100000",
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2
+    assert "--seqlen: 100000 exceeds the model's max_position_embeddings (256)" in _one_line_error(err)
+
+
+def test_inspect_validates_like_load(capsys, tmp_path):
+    """inspect used to print (exit 0) folders that load refuses."""
+    import lowbit
+    from lowbit.models.tiny import tiny_model
+
+    from checkpoint_tools import edit_config
+
+    ck = lowbit.save(lowbit.quantize(tiny_model("llama"), "w4-rtn", progress=False), tmp_path / "ck")
+    rc, out, _ = _run(capsys, "inspect", str(ck))
+    assert rc == 0 and "model.layers.1.mlp.down_proj" in out
+    edit_config(ck, lambda cfg: cfg.update(num_attention_heads=0), sign=False)
+    rc, _, err = _run(capsys, "inspect", str(ck))
+    assert rc == 2 and "num_attention_heads" in _one_line_error(err)

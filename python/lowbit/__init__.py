@@ -85,8 +85,14 @@ def __getattr__(name: str):
 
 
 def set_num_threads(n: int) -> None:
-    """Size the thread pool of the Rust kernels (0 = ``LOWBIT_NUM_THREADS`` or all cores)."""
-    _core.set_num_threads(int(n))
+    """Size the thread pool of the Rust kernels (0 = ``LOWBIT_NUM_THREADS`` or all cores).
+
+    Raises:
+        ValueRangeError: ``n`` is not an int in ``[0, 4096]``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4096:
+        raise ValueRangeError(f"n: the number of threads must be an int in [0, 4096], got {n!r}")
+    _core.set_num_threads(n)
 
 
 def get_num_threads() -> int:

@@ -94,9 +94,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .recipe import resolve
     from dataclasses import replace
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    out = Path(os.path.abspath(args.out))
+    if os.path.lexists(out) and not args.overwrite:
         raise _UserError(f"--out: {out} already exists; pass --overwrite to replace it")
+    _check_writable(out, args.overwrite)
     recipe = resolve(args.recipe, bits=args.bits, method=args.method, sym=args.sym)
     if args.group is not None:
         if recipe.weight is None or not hasattr(recipe.weight, "group_size"):
@@ -109,6 +110,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     t_load = time.perf_counter() - t0
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.seqlen > positions:
+        raise _UserError(f"--seqlen: {args.seqlen} exceeds the model's max_position_embeddings ({positions})")
     rows = [["", "value"]]
     fp_ppl = q_ppl = None
     eval_ids = data.evaluation(tok, n_tokens=args.eval_tokens) if not args.no_eval else None
@@ -128,12 +132,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         _dense_cache(model, True)
         q_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
         _dense_cache(model, False)
-    qconfig = {
-        "recipe": recipe.to_list(),
-        "recipe_name": recipe.name,
-        "stats": _stats(report, fp_ppl, q_ppl, args),
-    }
-    io.save(model, out, quantization_config=qconfig, tokenizer=tok, overwrite=args.overwrite)
+    qconfig = {"recipe": recipe.to_list(), "recipe_name": recipe.name}
+    io.save(model, out, quantization_config=qconfig, tokenizer=tok, overwrite=args.overwrite,
+            report=_stats(report, fp_ppl, q_ppl, args))
     bpw, lin_bytes, _ = _linear_bits(model)
     rows += [
         ["model", str(args.model)],
@@ -155,6 +156,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ]
     print(_table(rows))
     return 0
+
+
+def _check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written *before* the model is quantized: a parent
+    that is a file, a read-only or pseudo filesystem (``/proc``), a folder without write permission,
+    an existing folder that ``--overwrite`` may not replace."""
+    import errno
+    import tempfile
+
+    from .io.checkpoint import check_replaceable
+
+    if overwrite and os.path.lexists(out):
+        check_replaceable(out)
+    ancestor = out.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _UserError(f"--out: {str(out)!r} is under {str(ancestor)!r}, which is not a folder")
+    try:  # the only reliable test (root ignores permissions, /proc refuses new entries, ro mounts)
+        probe = tempfile.mkdtemp(prefix=".lowbit-probe-", dir=ancestor)
+        os.rmdir(probe)
+    except OSError as e:
+        reason = "read-only filesystem" if e.errno == errno.EROFS else (e.strerror or str(e))
+        raise _UserError(f"--out: cannot write under {str(ancestor)!r} ({reason})") from None
 
 
 def _kv_bytes(model, tok) -> str:
@@ -204,60 +229,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .errors import CheckpointError
-
-    path = Path(args.dir)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"config.json: not found in {path}")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"config.json: not valid JSON ({e})") from None
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != "lowbit":
-        raise CheckpointError(f"config.json: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'lowbit'")
-    layers = qc.get("layers", {})
-    stats = qc.get("stats", {})
-    lstats = stats.get("layers", {})
-    rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "proxy loss"]]
+    """Validate the checkpoint exactly as :func:`lowbit.load` does (by loading it), then print its
+    layers from the loaded modules and the run report (``lowbit_report.json``) where there is one."""
     import re
 
+    from . import io
+    from .nn import QUANT_LINEARS
+
+    path = Path(args.dir)
+    model = io.load(path)
+    qc = io.read_quantization_config(path)
+    report = io.read_report(path) or {}
+    lstats = _obj(report.get("layers"))
     natural = lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]  # noqa: E731
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANT_LINEARS)}
+    rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "proxy loss"]]
     total_bits = total_weights = 0.0
     for name in sorted(layers, key=natural):
-        meta = layers[name]
-        st = lstats.get(name, {})
-        bpw = st.get("bits_per_weight")
-        if bpw is None:
-            bpw = _meta_bits_per_weight(meta)
-        n_w = meta.get("in_features", 0) * meta.get("out_features", 0)
+        mod, meta = layers[name], layers[name].metadata()
+        st = _obj(lstats.get(name))
+        bpw = mod.bits_per_weight()
+        n_w = mod.in_features * mod.out_features
         total_bits += bpw * n_w
         total_weights += n_w
         if meta.get("format") == "vq":
-            kind = "vq" + (" incoherent" if meta.get("incoherent") else "")
-            bits = " + ".join(
-                f"{s.get('codebook')}" + ("" if s.get("rows") is None else f"[{s['rows']} rows]") for s in meta.get("stages", [])
-            )
-            group = f"d={meta.get('dim')}"
+            kind = "vq" + (" incoherent" if meta["incoherent"] else "")
+            bits = " + ".join(s["codebook"] + ("" if s["rows"] is None else f"[{s['rows']} rows]") for s in meta["stages"])
+            group = f"d={meta['dim']}"
         else:
-            kind, bits, group = str(meta.get("kind", "uniform")), str(meta.get("bits")), str(meta.get("group_size"))
-        rows.append([
-            name,
-            kind,
-            bits,
-            group,
-            str(meta.get("method")),
-            f"{bpw:.3f}",
-            f"{st['rel_weight_error']:.4f}" if st.get("rel_weight_error") is not None else "-",
-            f"{st['loss']:.4g}" if st.get("loss") is not None else "-",
-        ])
+            kind, bits, group = meta["kind"], str(meta["bits"]), str(meta["group_size"])
+        rows.append([name, kind, bits, group, meta["method"], f"{bpw:.3f}",
+                     _num(st.get("rel_weight_error"), ".4f"), _num(st.get("loss"), ".4g")])
     print(_table(rows))
-    blocks = stats.get("block_output_error", {})
+    blocks = _obj(report.get("block_output_error"))
     if blocks:
         print()
-        order = sorted(blocks, key=lambda k: int(k) if str(k).isdigit() else str(k))
-        print(_table([["decoder layer", "rel. output error"]] + [[k, f"{blocks[k]:.4f}"] for k in order]))
+        order = sorted(blocks, key=natural)
+        print(_table([["decoder layer", "rel. output error"]] + [[k, _num(blocks[k], ".4f")] for k in order]))
     summary = [["", "value"], ["checkpoint", str(path)], ["recipe", str(qc.get("recipe_name") or qc.get("recipe"))],
                ["quantized linears", str(len(layers))],
                ["bits/weight (linears, incl. scales, codebooks, signs)", f"{total_bits / total_weights:.3f}" if total_weights else "-"],
@@ -273,24 +281,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ["activation quantizer", "; ".join(sorted(acts)) or "none"],
             ["KV-cache quantizer", "; ".join(sorted(kvs)) or "none"],
         ]
-    for k, v in stats.get("hadamards", {}).items():
-        summary.append([f"Hadamard {k}", v])
-    if stats.get("fp_perplexity"):
-        summary += [["FP perplexity", f"{stats['fp_perplexity']:.2f}"], ["perplexity", f"{stats['perplexity']:.2f}"]]
+    for k, v in _obj(report.get("hadamards")).items():
+        summary.append([f"Hadamard {k}", str(v)])
+    if report.get("fp_perplexity") is not None:
+        summary += [["FP perplexity", _num(report.get("fp_perplexity"), ".2f")], ["perplexity", _num(report.get("perplexity"), ".2f")]]
     print()
     print(_table(summary))
     return 0
 
 
-def _meta_bits_per_weight(meta: dict) -> float:
-    """Stored bits per weight of a layer, from its checkpoint metadata (buffers built on the meta device)."""
-    from .nn import QuantLinear, VQLinear
+def _obj(v) -> dict:
+    """``v`` if it is a dict, else ``{}`` (the report is informative: a malformed part is skipped)."""
+    return v if isinstance(v, dict) else {}
 
-    cls = VQLinear if meta.get("format") == "vq" else QuantLinear
-    try:
-        return cls.from_metadata(meta, device="meta").bits_per_weight()
-    except (KeyError, TypeError, ValueError):
-        return float("nan")
+
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -313,10 +319,29 @@ class _UserError(Exception):
     pass
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line ``lowbit: error: …`` and exit 2, like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        where = self.prog.removeprefix("lowbit").strip()
+        raise _UserError(f"{where}: {message} (see `{self.prog} --help`)" if where else f"{message} (see `lowbit --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Extremely low-bit quantization of LLMs.")
+    p = _Parser(prog="lowbit", description="Extremely low-bit quantization of LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
     q.add_argument("--model", required=True, help="'bundled' (SmolLM2-135M-Instruct) or a local HF folder")
@@ -326,25 +351,25 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group", type=int, help="override the group size (0 = per channel)")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
     q.add_argument("--method", choices=["rtn", "gptq", "ldlq"], help="override the weight method")
-    q.add_argument("--calib-samples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--calib-samples", type=_positive_int, default=128)
+    q.add_argument("--seqlen", type=_positive_int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--calib-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the calibration forward passes (auto: bfloat16 where the CPU has it natively)")
-    q.add_argument("--eval-tokens", type=int, default=16384)
+    q.add_argument("--eval-tokens", type=_positive_int, default=16384)
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     q.add_argument("--overwrite", action="store_true")
-    q.add_argument("--threads", type=int)
+    q.add_argument("--threads", type=_positive_int, help="threads for torch and the Rust kernels")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
-    esub = e.add_subparsers(dest="what", required=True)
+    esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser)
     ep = esub.add_parser("ppl", help="perplexity on the evaluation split")
     ep.add_argument("dir")
-    ep.add_argument("--eval-tokens", type=int, default=16384)
-    ep.add_argument("--seqlen", type=int, default=512)
-    ep.add_argument("--threads", type=int)
+    ep.add_argument("--eval-tokens", type=_positive_int, default=16384)
+    ep.add_argument("--seqlen", type=_positive_int, default=512)
+    ep.add_argument("--threads", type=_positive_int, help="threads for torch and the Rust kernels")
     ep.add_argument("--quiet", action="store_true")
     ep.set_defaults(func=cmd_eval)
 
@@ -358,7 +383,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UserError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command in ("quantize", "eval"):
         _quiet_transformers(args.verbose)

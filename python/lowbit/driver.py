@@ -18,6 +18,7 @@ explicitly, logging goes through :mod:`logging`, progress through tqdm.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ShapeError
+from .eval import check_fits_model
 from .grids import BinaryGrid, TernaryGrid, UniformGrid
 from .methods import HessianAccumulator, act_order_perm, gptq, ldlq, rtn
 from .models.adapters import get_adapter
@@ -200,7 +202,9 @@ def quantize(
 
     Raises:
         UnsupportedModelError: no adapter for the architecture (rotations need one too).
-        ShapeError: missing or malformed ``calib`` when the recipe needs it.
+        ShapeError: missing or malformed ``calib`` when the recipe needs it; a model with meta tensors.
+        ValueRangeError: ``calib`` windows longer than the model's ``max_position_embeddings`` or
+            token ids outside its vocabulary.
     """
     recipe = resolve(recipe, **overrides)
     adapter = get_adapter(model)
@@ -210,6 +214,10 @@ def quantize(
         if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
             got = f"{tuple(calib.shape)} {calib.dtype}" if isinstance(calib, torch.Tensor) else type(calib).__name__
             raise ShapeError(f"calib: must be an int64 (n, seqlen) tensor, got {got}")
+        check_fits_model(model, calib, "calib")
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise ShapeError(f"model: {name} is a meta tensor (no data); load the weights before quantizing")
     report = QuantReport(recipe)
     was_training = model.training
     model.eval()

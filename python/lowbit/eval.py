@@ -14,9 +14,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import ShapeError
+from .errors import ShapeError, ValueRangeError
 
-__all__ = ["windows", "nll", "perplexity"]
+__all__ = ["windows", "nll", "perplexity", "check_fits_model"]
 
 
 def windows(tokens: torch.Tensor, seqlen: int = 512) -> torch.Tensor:
@@ -42,6 +42,25 @@ def windows(tokens: torch.Tensor, seqlen: int = 512) -> torch.Tensor:
     return tokens[: n * seqlen].reshape(n, seqlen).long()
 
 
+def check_fits_model(model: Any, ids: torch.Tensor, arg: str = "seqlen") -> None:
+    """Refuse ``(batch, L)`` token ids the model cannot take: ``L`` beyond its
+    ``max_position_embeddings``, ids outside its vocabulary (a model without a config is not checked).
+
+    Raises:
+        ValueRangeError: naming ``arg`` for the length, ``tokens`` for the ids.
+    """
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and ids.shape[-1] > positions:
+        raise ValueRangeError(
+            f"{arg}: windows of {ids.shape[-1]} tokens exceed the model's max_position_embeddings ({positions})"
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueRangeError(f"tokens: token id {bad} is outside the model's vocabulary (vocab_size={vocab})")
+
+
 def _device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -65,6 +84,7 @@ def nll(
     if int(batch_size) < 1:
         raise ShapeError(f"batch_size must be at least 1, got {batch_size!r}")
     chunks = windows(tokens, seqlen)
+    check_fits_model(model, chunks)
     device = _device(model)
     model.eval()
     batches = range(0, chunks.shape[0], int(batch_size))
@@ -125,8 +145,17 @@ def perplexity(
 
     Raises:
         ShapeError: ``T < 2``, ``seqlen < 2``, ``batch_size < 1`` or ``tokens`` not ``(1, T)`` integers.
+        ValueRangeError: windows longer than the model's ``max_position_embeddings``, token ids
+            outside its vocabulary, or a loss that is not finite (the model's logits hold NaN or
+            inf): a perplexity of ``nan`` is never returned.
     """
     if not isinstance(tokens, torch.Tensor):
         tokens = _tokenize(tokens, text, n_tokens)
     total, count = nll(model, tokens, seqlen=seqlen, batch_size=batch_size, progress=progress)
-    return math.exp(total / count)
+    mean = total / count
+    if not math.isfinite(mean) or mean > 700.0:  # exp(700) is near float64's limit
+        raise ValueRangeError(
+            f"perplexity: the mean loss over {count} tokens is {mean:.4g}, not a finite perplexity; "
+            "the model's logits hold NaN or inf (a broken checkpoint or an overflow in its dtype)"
+        )
+    return math.exp(mean)

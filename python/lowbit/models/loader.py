@@ -164,8 +164,10 @@ def load_model(
     """``(model, tokenizer)`` from ``"bundled"`` or a local Hugging Face folder, in eval mode.
 
     Raises:
-        CheckpointError: the folder does not exist, is not a folder, has no ``config.json``, or
-            ``transformers`` cannot load it (the message names the path).
+        CheckpointError: the folder does not exist, is not a folder, has no ``config.json``, is a
+            lowbit checkpoint, holds a FIFO or device, lacks a tensor of the architecture (or has
+            one of the wrong shape: transformers would fill it randomly), or ``transformers``
+            cannot load it (the message names the path).
         DTypeError: ``dtype`` is not float32, float16 or bfloat16.
     """
     dtype = _dtype(dtype)
@@ -176,9 +178,27 @@ def load_model(
         raise CheckpointError(f"model folder {str(path)!r} does not exist (spec={str(spec)!r})")
     if not path.is_dir():
         raise CheckpointError(f"model path {str(path)!r} is not a folder (spec={str(spec)!r})")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():
         raise CheckpointError(f"model folder {str(path)!r} has no config.json")
+    _check_full_precision_folder(path)
     return _load_folder(path, dtype)
+
+
+def _check_full_precision_folder(path: Path) -> None:
+    """Refuse what ``from_pretrained`` would silently turn into random weights or block on: a lowbit
+    checkpoint (its linears have no ``weight``), FIFOs or devices among the files."""
+    from ..io.untrusted import check_regular_file, read_json
+
+    for entry in os.scandir(path):
+        if not entry.is_dir():
+            check_regular_file(Path(entry.path), entry.name)
+    cfg = read_json(path / "config.json", "config.json")
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
+        raise CheckpointError(
+            f"model folder {str(path)!r} is a lowbit checkpoint (already quantized): quantize its full-precision "
+            "source instead, or open it with lowbit.load"
+        )
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -186,9 +206,20 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load the model folder {str(path)!r}: {exc}") from exc
+    # transformers fills what the files lack with random values and only warns (muted by the CLI)
+    for kind, what in (("missing_keys", "has no tensor for"), ("mismatched_keys", "has a tensor of the wrong shape for")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise CheckpointError(
+                f"model folder {str(path)!r} {what} {shown}: transformers would initialise them randomly"
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer of the model folder {str(path)!r}: {exc}") from exc
     model.eval()
     return model, tokenizer
