@@ -21,6 +21,17 @@ def rewrite_tensors(ck: Path, edit) -> None:
     save_file(tensors, str(f), metadata=metadata)
 
 
+def poison(ck: Path, name: str, value: float, index: int = 0) -> None:
+    """Set element ``index`` (flattened) of the stored tensor ``name`` to ``value``."""
+
+    def edit(tensors):
+        t = tensors[name].clone()
+        t.view(-1)[index] = value
+        tensors[name] = t
+
+    rewrite_tensors(ck, edit)
+
+
 def resign(ck: Path) -> None:
     """Make the weights header's description digest match the (edited) ``config.json`` — what a
     hostile writer can always do — so that the checks behind the digest are reached."""

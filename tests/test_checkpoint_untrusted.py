@@ -20,7 +20,7 @@ from lowbit.errors import CheckpointError
 from lowbit.models.tiny import random_ids
 from lowbit.models.tiny import tiny_model as fp_tiny
 
-from checkpoint_tools import edit_config, rewrite_tensors
+from checkpoint_tools import edit_config, poison
 from test_checkpoint import RECIPE, copy_checkpoint, tiny_model
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -160,12 +160,7 @@ def test_kv_quantizer_sizes_are_checked_before_its_buffers_are_allocated(tmp_pat
                                     "model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_tensors_are_refused_naming_them(ck, tensor, bad):
-    def poison(t):
-        x = t[tensor].clone()
-        x.view(-1)[3] = bad
-        t[tensor] = x
-
-    rewrite_tensors(ck, poison)
+    poison(ck, tensor, bad, index=3)
     with pytest.raises(CheckpointError, match=rf"{tensor}: holds 1 non-finite value"):
         lio.load(ck)
 
@@ -184,13 +179,7 @@ def test_non_finite_vq_tables_are_refused(tmp_path):
     lio.load(out)
     for name in (f"{Q}.table0", f"{Q}.row_scale"):
         ck = copy_checkpoint(out, tmp_path / name)
-
-        def poison(t, name=name):
-            x = t[name].clone()
-            x.view(-1)[0] = math.nan
-            t[name] = x
-
-        rewrite_tensors(ck, poison)
+        poison(ck, name, math.nan)
         with pytest.raises(CheckpointError, match=rf"{name}: holds 1 non-finite"):
             lio.load(ck)
 
@@ -203,13 +192,7 @@ def test_uncalibrated_kv_ranges_may_be_infinite_but_never_nan(tmp_path):
     out = lio.save(model, tmp_path / "kv")
     assert torch.isinf(lio.load(out).model.layers[0].self_attn.lowbit_kv.key_lo).all()
     name = "model.layers.0.self_attn.lowbit_kv.key_lo"
-
-    def poison(t):
-        x = t[name].clone()
-        x[0, 0] = math.nan
-        t[name] = x
-
-    rewrite_tensors(out, poison)
+    poison(out, name, math.nan)
     with pytest.raises(CheckpointError, match=f"{name}: holds 1 non-finite"):
         lio.load(out)
 
