@@ -27,13 +27,15 @@ def full_weights(w, n, d):
 
 def np_lloyd(x, init, iters, w=None):
     """Plain numpy Lloyd iterations from `init` (weighted means per coordinate); the objective at
-    each assignment step, then a last assignment. Assumes no cluster empties."""
+    each assignment step, then a last assignment. Stops, like the core, after an iteration that
+    leaves the centroids unchanged. Assumes no cluster empties."""
     n, d = x.shape
     W = full_weights(w, n, d)
     c = init.astype(np.float64).copy()
     inertia = []
     x64 = x.astype(np.float64)
     for _ in range(iters):
+        before = c.copy()
         D = ((x64[:, None, :] - c[None]) ** 2 * W[:, None, :]).sum(-1)
         a = D.argmin(1)
         inertia.append(D[np.arange(n), a].sum())
@@ -43,6 +45,8 @@ def np_lloyd(x, init, iters, w=None):
             ws = W[m].sum(0)
             c[j] = np.where(ws > 0, (W[m] * x64[m]).sum(0) / np.where(ws > 0, ws, 1), c[j])
         c = c.astype(np.float32).astype(np.float64)  # the core stores float32 centroids
+        if np.array_equal(before, c):
+            break
     D = ((x64[:, None, :] - c[None]) ** 2 * W[:, None, :]).sum(-1)
     a = D.argmin(1)
     inertia.append(D[np.arange(n), a].sum())
@@ -86,7 +90,7 @@ def test_kmeans_matches_numpy_lloyd_from_the_same_init(wkind):
     np.testing.assert_array_equal(r.assignments, a)
     np.testing.assert_allclose(r.inertia, inertia, rtol=1e-5)
     assert r.codebook.dtype == np.float32 and r.assignments.dtype == np.uint32
-    assert r.inertia.dtype == np.float64 and r.inertia.shape == (7,)
+    assert r.inertia.dtype == np.float64 and 2 <= r.inertia.shape[0] <= 7
 
 
 def test_kmeans_finds_separated_blobs_and_is_reproducible():
@@ -187,7 +191,7 @@ def test_kmeans_inertia_non_increasing(n, d, kfrac, wkind, seed):
     }[wkind]
     r = vq.kmeans(x, k, iters=5, seed=seed, weights=w)
     assert r.codebook.shape == (k, d) and r.assignments.shape == (n,)
-    assert r.inertia.shape == (6,)
+    assert 2 <= r.inertia.shape[0] <= 6  # stops early at a fixed point
     energy = float((full_weights(w, n, d) * x.astype(np.float64) ** 2).sum())
     assert non_increasing(r.inertia, energy), r.inertia
     assert r.assignments.max() < k

@@ -13,6 +13,7 @@ __all__ = [
     "ShapeError",
     "DTypeError",
     "ValueRangeError",
+    "AllocationError",
     "CheckpointError",
     "UnsupportedModelError",
     "MissingPackageError",
@@ -38,6 +39,11 @@ class DTypeError(LowbitError, TypeError):
 
 class ValueRangeError(LowbitError, ValueError):
     """A value outside its allowed set (a 2-bit code of 7, a ternary value of 2, a NaN where none may be)."""
+
+
+class AllocationError(LowbitError, MemoryError):
+    """A buffer the Rust core could not allocate (the size was within the documented limits but
+    more than the machine gives); raised instead of aborting the process."""
 
 
 class CheckpointError(LowbitError, ValueError):

@@ -54,9 +54,11 @@ class KMeansResult(NamedTuple):
     Attributes:
         codebook: ``(k, d)`` centroids, in the caller's float dtype and library.
         assignments: ``(n,)`` index of each vector's centroid (numpy ``uint32``, torch ``int64``).
-        inertia: ``(iters + 1,)`` float64 numpy array: the weighted objective
-            ``Σ_i dist(x_i, codebook[assignments_i])`` at the assignment step of each iteration,
-            then of the returned codebook and assignments. Non-increasing up to float rounding.
+        inertia: ``(t + 1,)`` float64 numpy array: the weighted objective
+            ``Σ_i dist(x_i, codebook[assignments_i])`` at the assignment step of each of the
+            ``t ≤ iters`` iterations run, then of the returned codebook and assignments.
+            Non-increasing up to float rounding. ``t < iters`` when the iterations converged
+            (see :func:`kmeans`).
     """
 
     codebook: Any
@@ -177,21 +179,25 @@ def kmeans(
     proportion to the row's weighted squared distance to the centres so far), then ``iters`` Lloyd
     iterations: assign every row to its nearest centroid (ties: the lowest index), move each
     centroid to the weighted mean of its rows (per coordinate with per-element weights); an empty
-    cluster is re-seeded on the row farthest from its centroid. A last assignment to the returned
-    centroids gives ``assignments``. Deterministic for a given ``seed`` whatever the number of
-    threads.
+    cluster is re-seeded on the row farthest from its centroid. An iteration that leaves every
+    centroid unchanged is a fixed point (each later one would repeat it exactly), so the iterations
+    stop there: the result is that of running all ``iters``, with a shorter ``inertia``. A last
+    assignment to the returned centroids gives ``assignments``. Deterministic for a given ``seed``
+    whatever the number of threads.
 
     Args:
         x: ``(n, d)`` float array (numpy or torch).
         k: number of centroids, ``1 ≤ k ≤ n``.
-        iters: Lloyd iterations (≥ 0).
+        iters: most Lloyd iterations (≥ 0); nothing is allocated per iteration up front, so a
+            large bound just means "until convergence".
         seed: seed of the initialisation, in ``[0, 2**64)``.
         weights: optional weights of the squared error (module docs): ``(n,)``/``(n, 1)`` per row,
             ``(1, d)`` per dimension, ``(n, d)`` per element; finite and ≥ 0.
         init: optional ``(k, d)`` float array of initial centroids (then ``seed`` is unused).
 
     Returns:
-        :class:`KMeansResult` ``(codebook (k, d), assignments (n,), inertia (iters + 1,))``.
+        :class:`KMeansResult` ``(codebook (k, d), assignments (n,), inertia (t + 1,))`` for the
+        ``t ≤ iters`` iterations run.
 
     Raises:
         ShapeError: ``x`` not 2-D or with ``d = 0``; ``weights`` or ``init`` of the wrong shape.

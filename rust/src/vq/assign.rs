@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::{fmadd, Weights};
-use crate::error::{Error, Result};
+use crate::error::{checked_len, try_vec, Error, Result};
 
 /// Vectors per SIMD register (16 f32 lanes = AVX-512).
 const L: usize = 16;
@@ -39,15 +39,18 @@ pub(crate) struct Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    pub(crate) fn new(codebook: &'a [f32], k: usize, d: usize, weights: &Weights<'_>) -> Self {
+    /// Errors: [`Error::Alloc`] naming `codebook` when its `k × d` tables cannot be allocated.
+    pub(crate) fn new(
+        codebook: &'a [f32],
+        k: usize,
+        d: usize,
+        weights: &Weights<'_>,
+    ) -> Result<Self> {
         let per_element = matches!(weights, Weights::PerElement(_));
-        let mut lin = vec![0.0f32; k * d];
-        let mut quad = if per_element {
-            vec![0.0f32; k * d]
-        } else {
-            Vec::new()
-        };
-        let mut cn = vec![0.0f32; k];
+        let kd = checked_len(k, d, "codebook")?;
+        let mut lin = try_vec(kd, 0.0f32, "codebook")?;
+        let mut quad = try_vec(if per_element { kd } else { 0 }, 0.0f32, "codebook")?;
+        let mut cn = try_vec(k, 0.0f32, "codebook")?;
         for c in 0..k {
             let row = &codebook[c * d..(c + 1) * d];
             let mut s = 0.0f32;
@@ -67,7 +70,7 @@ impl<'a> Prepared<'a> {
             }
             cn[c] = s;
         }
-        Prepared {
+        Ok(Prepared {
             d,
             k,
             codebook,
@@ -75,7 +78,7 @@ impl<'a> Prepared<'a> {
             quad,
             cn,
             per_element,
-        }
+        })
     }
 }
 
@@ -470,10 +473,10 @@ pub(crate) fn check_inputs(
             detail: "vectors must have at least one dimension (d = 0)".into(),
         });
     }
-    if x.len() != n * d {
+    if n.checked_mul(d) != Some(x.len()) {
         return Err(Error::Shape {
             arg: "x",
-            detail: format!("has {} values, need n·d = {n}·{d} = {}", x.len(), n * d),
+            detail: format!("has {} values, need n·d = {n}·{d}", x.len()),
         });
     }
     if k == 0 {
@@ -488,13 +491,12 @@ pub(crate) fn check_inputs(
             detail: format!("k = {k} codewords do not fit 32-bit indices"),
         });
     }
-    if codebook.len() != k * d {
+    if k.checked_mul(d) != Some(codebook.len()) {
         return Err(Error::Shape {
             arg: "codebook",
             detail: format!(
-                "has {} values, need k·d = {k}·{d} = {} (codewords of the vectors' d = {d})",
+                "has {} values, need k·d = {k}·{d} (codewords of the vectors' d = {d})",
                 codebook.len(),
-                k * d
             ),
         });
     }
@@ -527,7 +529,7 @@ pub fn assign_into(
             });
         }
     }
-    let p = Prepared::new(codebook, k, d, &weights);
+    let p = Prepared::new(codebook, k, d, &weights)?;
     assign_prepared(x, &weights, &p, idx, dist);
     Ok(())
 }
@@ -569,8 +571,8 @@ pub fn assign(
     k: usize,
     weights: Weights<'_>,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
-    let mut idx = vec![0u32; n];
-    let mut dist = vec![0.0f32; n];
+    let mut idx = try_vec(n, 0u32, "x")?;
+    let mut dist = try_vec(n, 0.0f32, "x")?;
     assign_into(x, n, d, codebook, k, weights, &mut idx, &mut dist)?;
     Ok((idx, dist))
 }

@@ -1,0 +1,127 @@
+"""Sizes and arguments at the edge of what the Rust core can do: every one is refused with a typed
+``lowbit.errors`` exception in the calling process, never an abort, a panic or an untyped error.
+
+The calls run in a subprocess, so a regression that aborts the interpreter (SIGABRT from a failed
+allocation) fails its test instead of killing pytest. The child runs a list of calls, each of which
+must raise the expected class (a :class:`lowbit.errors.LowbitError`) with the expected words in its
+message, and exits 0 only when all did; its output says how far it got. (One child per test rather
+than per call: importing torch costs seconds.)
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run_isolated(body: str, timeout: float = 300) -> str:
+    """Run ``body`` in a fresh interpreter; it must exit 0. Returns its stdout."""
+    code = textwrap.dedent(body)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit status {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr[-3000:]}"
+    return r.stdout
+
+
+def expect_errors(cases: list, setup: str = "") -> str:
+    """Each ``(call, error, message)`` raises ``lowbit.errors.<error>`` whose message contains
+    ``message``. Returns the child's output: per call its message and the exception's classes."""
+    out = run_isolated(
+        f"""
+        import numpy as np
+        import lowbit
+        from lowbit import errors, vq
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        {textwrap.indent(textwrap.dedent(setup), " " * 8).strip()}
+        for call, error, message in {cases!r}:
+            print("call:", call, flush=True)
+            try:
+                eval(call)
+            except getattr(errors, error) as e:
+                assert isinstance(e, errors.LowbitError)
+                assert message in str(e), f"{{call}}: {{e!r}} does not say {{message!r}}"
+                print("caught:", e)
+                print("classes:", [c.__name__ for c in type(e).__mro__], flush=True)
+            else:
+                raise SystemExit(f"{{call}}: no error raised")
+        print("all caught")
+        """
+    )
+    assert "all caught" in out, out
+    return out
+
+
+# --- 1. sizes that drive an allocation --------------------------------------------------------
+
+
+def test_huge_random_lengths_are_refused():
+    # These aborted the interpreter (Vec::with_capacity of 1 TiB / 8 TiB).
+    expect_errors(
+        [
+            ("lowbit.random_signs(2**40, 0)", "UnsupportedSizeError", "n: unsupported size"),
+            ("lowbit._core.random_signs(2**40, 0)", "UnsupportedSizeError", "at most 4294967296"),
+            ("lowbit._core.random_permutation(2**40, 0)", "UnsupportedSizeError", "n: unsupported size"),
+            ("lowbit._core.random_permutation(2**32 + 1, 0)", "UnsupportedSizeError", "n: unsupported size"),
+        ]
+    )
+
+
+def test_refused_allocations_raise_a_memory_error_subclass():
+    # Within the documented limit (2^32) but more than the address space left to the child: the
+    # allocator refuses, and the core reports it instead of aborting.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("address-space limits via /proc and RLIMIT_AS")
+    setup = """
+        import resource
+        vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+    """
+    out = expect_errors(
+        [
+            # a Vec the core reserves: 4 GiB, 16 GiB
+            ("lowbit.random_signs(2**32, 0)", "AllocationError", "n: cannot allocate 4294967296 bytes"),
+            ("lowbit._core.random_permutation(2**31, 0)", "AllocationError", "n: cannot allocate"),
+            # a numpy output the bindings allocate: (2^28, 1) bytes unpack into (2^28, 8) codes
+            ("lowbit._core.unpack(np.zeros((1 << 28, 1), np.uint8), 1, 8)", "AllocationError", "n: cannot allocate"),
+        ],
+        setup,
+    )
+    assert out.count("'MemoryError'") == 3  # `except MemoryError` keeps working
+
+
+@pytest.mark.parametrize("iters", [2**40, 10**9, 2**64 - 1])
+def test_kmeans_iteration_count_allocates_nothing_up_front(iters):
+    # inertia used to be reserved as iters + 1 float64 values (8 GB for 10^9, an abort for 2^40);
+    # now it grows as iterations run, and they stop at the fixed point with the full run's result.
+    out = run_isolated(
+        f"""
+        import numpy as np
+        from lowbit import vq
+        x = np.random.default_rng(0).standard_normal((200, 3)).astype(np.float32)
+        r = vq.kmeans(x, 4, iters={iters})
+        ref = vq.kmeans(x, 4, iters=len(r.inertia) - 1)
+        assert len(r.inertia) < 200, len(r.inertia)
+        np.testing.assert_array_equal(r.codebook, ref.codebook)
+        np.testing.assert_array_equal(r.assignments, ref.assignments)
+        np.testing.assert_array_equal(r.inertia, ref.inertia)
+        print("iterations:", len(r.inertia) - 1)
+        """
+    )
+    assert "iterations:" in out
+
+
+def test_core_sizes_are_checked_before_allocating():
+    expect_errors(
+        [
+            # the row width is checked before the (rows, n) output is allocated (was a panic)
+            ("lowbit._core.unpack_ternary(np.zeros((1, 1), np.uint8), 2**40)", "ShapeError", "packed: rows have 1 bytes"),
+            ("lowbit._core.unpack_ternary(np.zeros((3, 1), np.uint8), 2**40, '2bit')", "ShapeError", "packed"),
+            # n · bits used to wrap to rows of 0 bytes, which an empty input matched
+            ("lowbit._core.unpack(np.zeros((0, 0), np.uint8), 8, 2**61)", "UnsupportedSizeError", "n: unsupported size"),
+            ("lowbit._core.unpack(np.zeros((4, 0), np.uint8), 8, 2**61)", "UnsupportedSizeError", "overflow"),
+            ("lowbit._core.set_num_threads(2**40)", "UnsupportedSizeError", "at most 4096 threads"),
+        ]
+    )
