@@ -65,6 +65,7 @@ def test_huge_random_lengths_are_refused():
             ("lowbit._core.random_signs(2**40, 0)", "UnsupportedSizeError", "at most 4294967296"),
             ("lowbit._core.random_permutation(2**40, 0)", "UnsupportedSizeError", "n: unsupported size"),
             ("lowbit._core.random_permutation(2**32 + 1, 0)", "UnsupportedSizeError", "n: unsupported size"),
+            ("lowbit.random_hadamard(2**40, 0)", "UnsupportedSizeError", "n: unsupported size"),
         ]
     )
 
@@ -125,3 +126,48 @@ def test_core_sizes_are_checked_before_allocating():
             ("lowbit._core.set_num_threads(2**40)", "UnsupportedSizeError", "at most 4096 threads"),
         ]
     )
+
+
+# --- 2. integers outside what the core's size type holds ---------------------------------------
+
+OUT_OF_RANGE = [
+    # (call, error class, start of the message: the argument's name)
+    ("lowbit.random_signs(2**64, 0)", "UnsupportedSizeError", "n:"),
+    ("lowbit.random_signs(np.uint64(2**64 - 1), 0)", "UnsupportedSizeError", "n:"),
+    ("lowbit.random_signs(-1, 0)", "ShapeError", "n:"),
+    ("lowbit.random_signs(4, 2**64)", "ValueRangeError", "seed:"),
+    ("lowbit.random_signs(4, -1)", "ValueRangeError", "seed:"),
+    ("lowbit.hadamard_plan(2**64)", "UnsupportedSizeError", "n:"),
+    ("lowbit.hadamard_plan(2**30)", "UnsupportedSizeError", "n:"),
+    ("lowbit.hadamard_matrix(2**64)", "UnsupportedSizeError", "n:"),
+    ("lowbit.hadamard_matrix(2**40)", "UnsupportedSizeError", "n:"),
+    ("lowbit.random_hadamard(2**64, 0)", "UnsupportedSizeError", "n:"),
+    ("lowbit.packed_size(2**64, 4)", "UnsupportedSizeError", "n:"),
+    ("lowbit.unpack(packed, 4, 2**64)", "UnsupportedSizeError", "n:"),
+    ("lowbit.unpack(packed, 4, -8)", "ShapeError", "n:"),
+    ("lowbit.unpack(packed, 2**64, 8)", "UnsupportedSizeError", "bits:"),
+    ("lowbit.unpack_ternary(packed, 2**64)", "UnsupportedSizeError", "n:"),
+    ("lowbit.hadamard(x, axis=2**64)", "ShapeError", "axis:"),
+    ("lowbit.hadamard(x, perm_seed=2**64)", "ValueRangeError", "perm_seed:"),
+    ("vq.kmeans(x, 2**64)", "ValueRangeError", "k:"),
+    ("vq.kmeans(x, -2)", "ValueRangeError", "k:"),
+    ("vq.kmeans(x, 2, iters=2**64)", "ValueRangeError", "iters:"),
+    ("vq.kmeans(x, 2, iters=2**70)", "ValueRangeError", "iters:"),
+    ("vq.kmeans(x, 2, iters=-1)", "ValueRangeError", "iters:"),
+    ("vq.kmeans(x, 2, seed=2**64)", "ValueRangeError", "seed:"),
+]
+
+
+@pytest.mark.parametrize("call, error, arg", OUT_OF_RANGE, ids=[c for c, _, _ in OUT_OF_RANGE])
+def test_out_of_range_ints_raise_typed_errors_naming_the_argument(call, error, arg):
+    # PyO3 used to raise OverflowError for values beyond the core's usize / u64.
+    import numpy as np
+
+    import lowbit
+    from lowbit import errors, vq
+
+    x = np.random.default_rng(0).standard_normal((10, 2)).astype(np.float32)
+    packed = np.zeros((2, 4), np.uint8)
+    with pytest.raises(getattr(errors, error)) as e:
+        eval(call, {"lowbit": lowbit, "vq": vq, "np": np, "x": x, "packed": packed})
+    assert str(e.value).startswith(arg), e.value

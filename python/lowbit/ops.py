@@ -85,12 +85,21 @@ class HadamardPlan:
         return f"HadamardPlan(n={self.n}: {self.describe()})"
 
 
+#: One past the largest length the core takes (its ``usize``).
+_SIZE_END = int(np.iinfo(np.uintp).max) + 1
+
+
 def _check_n(n: Any, arg: str = "n") -> int:
+    """A length as a Python int: :class:`ShapeError` when negative, :class:`UnsupportedSizeError`
+    when it does not fit the core's size type (the core refuses smaller absurd sizes itself)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{arg}: must be an int, got {type(n).__name__}")
+    n = int(n)
     if n < 0:
         raise ShapeError(f"{arg}: must be >= 0, got {n}")
-    return int(n)
+    if n >= _SIZE_END:
+        raise UnsupportedSizeError(f"{arg}: unsupported size {n}: lengths must be < 2**{_SIZE_END.bit_length() - 1}")
+    return n
 
 
 def _check_seed(seed: Any, arg: str) -> int:
@@ -126,6 +135,11 @@ def random_signs(n: int, seed: int) -> np.ndarray:
     """``n`` random signs (int8, each +1 or −1), reproducible from ``seed`` on every platform.
 
     The generator (SplitMix64) is part of the checkpoint format and never changes.
+
+    Raises:
+        UnsupportedSizeError: ``n > 2**32`` (transforms use at most 2^24; a larger ``n`` is taken as
+            a mistake). ShapeError: ``n < 0``. ValueRangeError: ``seed`` outside ``[0, 2**64)``.
+        AllocationError: the machine cannot hold ``n`` bytes.
     """
     return _core.random_signs(_check_n(n), _check_seed(seed, "seed"))
 
@@ -238,6 +252,7 @@ def hadamard_matrix(
     Returns a numpy array of ``dtype`` (default float64). Meant for tests and small n: it costs n².
     """
     n = _check_n(n)
+    hadamard_plan(n, strict=strict)  # a typed error for lengths the transform refuses, before n²
     eye = np.eye(n, dtype=np.float64)
     return hadamard(eye, normalize=normalize, strict=strict, perm_seed=perm_seed).astype(dtype)
 
@@ -249,6 +264,7 @@ def random_hadamard(n: int, seed: int, *, normalize: bool = True, dtype: Any = n
     hadamard(x, signs=random_signs(n, seed))``. Orthogonal when normalized.
     """
     n = _check_n(n)
+    hadamard_plan(n)  # a typed error for lengths the transform refuses, before n²
     s = random_signs(n, seed)
     return hadamard(np.eye(n, dtype=np.float64), normalize=normalize, signs=s).astype(dtype)
 

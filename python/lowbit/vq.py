@@ -150,13 +150,19 @@ def _weights(weights: Any, n: int, d: int) -> Optional[np.ndarray]:
     return w
 
 
-def _int(v: Any, arg: str, lo: int, hi: Optional[int] = None) -> int:
+#: One past the largest count the core takes (its ``usize``).
+_SIZE_END = int(np.iinfo(np.uintp).max) + 1
+
+
+def _int(v: Any, arg: str, lo: int, hi: int = _SIZE_END) -> int:
+    """``v`` as a Python int in ``[lo, hi)`` (by default: what the core's ``usize`` holds), else
+    :class:`ValueRangeError` naming ``arg``."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{arg}: must be an int, got {type(v).__name__}")
     v = int(v)
-    if v < lo or (hi is not None and v >= hi):
-        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueRangeError(f"{arg}: must be {rng}, got {v}")
+    if not lo <= v < hi:
+        end = f"2**{hi.bit_length() - 1}" if hi > 1 and hi & (hi - 1) == 0 else str(hi)
+        raise ValueRangeError(f"{arg}: must be in [{lo}, {end}), got {v}")
     return v
 
 
