@@ -171,3 +171,54 @@ def test_out_of_range_ints_raise_typed_errors_naming_the_argument(call, error, a
     with pytest.raises(getattr(errors, error)) as e:
         eval(call, {"lowbit": lowbit, "vq": vq, "np": np, "x": x, "packed": packed})
     assert str(e.value).startswith(arg), e.value
+
+
+# --- 3. tensors without dense host data ----------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+NO_DATA = [
+    # (call, argument named in the message)
+    ("lowbit.hadamard(meta((4, 8)))", "x"),
+    ("lowbit.hadamard(meta((4, 8), torch.bfloat16))", "x"),
+    ("lowbit.hadamard(x8, signs=meta((8,)))", "signs"),
+    ("lowbit.pack(meta((4, 8), torch.uint8), 4)", "codes"),
+    ("lowbit.unpack(meta((4, 4), torch.uint8), 4, 8)", "packed"),
+    ("lowbit.pack_ternary(meta((4, 5), torch.int8))", "values"),
+    ("lowbit.unpack_ternary(meta((4, 1), torch.uint8), 5)", "packed"),
+    ("vq.kmeans(meta((10, 2)), 2)", "x"),
+    ("vq.kmeans(x8, 2, init=meta((2, 8)))", "init"),
+    ("vq.kmeans(x8, 2, weights=meta((4,)))", "weights"),
+    ("vq.assign(meta((4, 8)), x8)", "x"),
+    ("vq.assign(x8, meta((3, 8)))", "codebook"),
+    ("vq.e8p_encode(meta((4, 8)))", "x"),
+    ("vq.e8p_decode(meta((4,), torch.int64))", "codes"),
+    ("vq.e8p_decode(torch.zeros(2, 3, dtype=torch.int64), row_scale=meta((2,)))", "row_scale"),
+    # other tensors numpy cannot view: sparse, complex conjugate views
+    ("lowbit.hadamard(torch.eye(8).to_sparse())", "x"),
+    ("lowbit.hadamard(torch.eye(8).to_sparse_csr())", "x"),
+    ("vq.assign(torch.eye(8).to_sparse(), x8)", "x"),
+    ("lowbit.unpack(torch.zeros(4, 4, dtype=torch.uint8), 4, 8, out=torch.zeros(4, 8, dtype=torch.uint8).to_sparse())", "out"),
+    ("lowbit.hadamard(torch.zeros(2, 8, dtype=torch.complex64).conj())", "x"),
+    ("lowbit.hadamard(torch.zeros(2, 8, dtype=torch.complex64))", "x"),
+    ("vq.assign(torch.zeros(2, 8, dtype=torch.complex64), x8)", "x"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("call, arg", NO_DATA, ids=[c for c, _ in NO_DATA])
+def test_tensors_without_dense_data_raise_dtype_errors(call, arg):
+    # These reached t.numpy() and raised NotImplementedError ("Cannot copy out of meta tensor"),
+    # TypeError or RuntimeError from torch.
+    import lowbit
+    from lowbit import errors, vq
+
+    def meta(shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    x8 = torch.randn(4, 8)
+    with pytest.raises(errors.DTypeError) as e:
+        eval(call, {"lowbit": lowbit, "vq": vq, "torch": torch, "meta": meta, "x8": x8})
+    assert str(e.value).startswith(f"{arg}:"), e.value
+    if "meta" in call:
+        assert "meta tensor has no data" in str(e.value)

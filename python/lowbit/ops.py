@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import float_dtype, integer_dtype, is_torch, out_rows, to_rows, uint8_only
+from ._arrays import float_dtype, integer_dtype, is_torch, out_rows, to_rows, torch_to_numpy, uint8_only
 from .errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
 
 __all__ = [
@@ -145,7 +145,7 @@ def random_signs(n: int, seed: int) -> np.ndarray:
 
 
 def _signs_array(signs: Any, n: int) -> np.ndarray:
-    s = signs.detach().cpu().numpy() if is_torch(signs) else np.asarray(signs)
+    s = torch_to_numpy(signs, "signs") if is_torch(signs) else np.asarray(signs)
     if s.ndim != 1 or s.shape[0] != n:
         raise ShapeError(f"signs: must have shape ({n},), got {s.shape}")
     if s.dtype.kind not in "iuf":

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import is_torch, out_rows
+from ._arrays import is_torch, out_rows, torch_to_numpy
 from .errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = [
@@ -102,14 +102,7 @@ class _Like:
 
 def _numpy(x: Any, arg: str) -> np.ndarray:
     if is_torch(x):
-        import torch
-
-        t = x.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return t.numpy()
+        return torch_to_numpy(x, arg)
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"{arg}: expected a numpy array or a torch tensor, got {type(x).__name__}")
