@@ -226,6 +226,49 @@ def test_assign_matches_numpy_brute_force(n, d, k, wkind):
     np.testing.assert_array_equal(vq.assign(x, cb, w), idx)
 
 
+@pytest.mark.parametrize("wkind", [None, "point", "dim", "element"])
+@pytest.mark.parametrize("offset, spread", [(1e4, 1.0), (1e5, 0.05), (-2e4, 3.0)])
+def test_assign_is_exact_on_data_far_from_the_origin(offset, spread, wkind):
+    # Ranking by ‖c‖² − 2x·c in float32 lost every digit at offset 1e4 (‖c‖² ≈ 8e8 for d = 8):
+    # most indices were wrong. Now both sides are centred on the codebook's mean first.
+    n, d, k = 4000, 8, 256
+    rng = np.random.default_rng(int(abs(offset)) + len(str(wkind)))
+    x = (offset + spread * rng.standard_normal((n, d))).astype(np.float32)
+    cb = (offset + spread * rng.standard_normal((k, d))).astype(np.float32)
+    w = {
+        None: None,
+        "point": rng.uniform(0, 2, size=n).astype(np.float32),
+        "dim": rng.uniform(0, 2, size=(1, d)).astype(np.float32),
+        "element": rng.uniform(0, 2, size=(n, d)).astype(np.float32),
+    }[wkind]
+    idx, dist = vq.assign(torch.from_numpy(x), torch.from_numpy(cb), w, return_distances=True)
+    idx = idx.numpy()
+    W = full_weights(w, n, d)
+    D = (((x.astype(np.float64)[:, None] - cb.astype(np.float64)[None]) ** 2) * W[:, None]).sum(-1)
+    ref = D.argmin(1)
+    rows = np.arange(n)
+    # the f64 nearest codeword, except where another one is exactly as near
+    wrong = (idx != ref) & (D[rows, idx] != D[rows, ref])
+    assert not wrong.any(), f"{wrong.sum()} of {n} not nearest"
+    np.testing.assert_allclose(dist.numpy(), D[rows, idx], rtol=1e-5, atol=1e-6)
+
+
+def test_kmeans_is_exact_on_data_far_from_the_origin():
+    n, d, k = 3000, 8, 12
+    x = blobs(n, d, k, seed=12, spread=1.0) + np.float32(1e4)
+    r = vq.kmeans(x, k, iters=25, seed=3)
+    c64, x64 = r.codebook.astype(np.float64), x.astype(np.float64)
+    D = ((x64[:, None] - c64[None]) ** 2).sum(-1)
+    rows = np.arange(n)
+    # the returned assignments are the f64-nearest centroids, the inertia their f64 objective
+    assert np.all(D[rows, r.assignments] == D.min(1))
+    np.testing.assert_allclose(r.inertia[-1], D[rows, r.assignments].sum(), rtol=1e-6)
+    # and the objective falls as in exact arithmetic (tolerance relative to it, not to ‖x‖²)
+    assert non_increasing(r.inertia, rtol=1e-6)
+    # the blobs are found: the objective is the within-blob spread, as at the origin
+    assert r.inertia[-1] / (n * d) < 1.0**2 * 1.2
+
+
 def test_assign_ties_go_to_the_lowest_index():
     cb = np.array([[1, 0], [-1, 0], [1, 0], [0, 1]], np.float32)
     idx = vq.assign(np.array([[0, 0], [1, 0], [0, 1]], np.float32), cb)

@@ -227,9 +227,12 @@ def assign(x: Any, codebook: Any, weights: Any = None, *, return_distances: bool
     """Index of the nearest row of ``codebook`` for every row of ``x`` (ties: the lowest index).
 
     Distance: ``Σ_j w_ij (x_ij − c_j)²`` (plain squared Euclidean without ``weights``). Codewords
-    are ranked by the float32 expansion ``Σ w c² − 2 Σ w x c`` (as faiss does), so two whose
-    distances differ by less than its rounding may come out in either order; the returned distance
-    is computed directly.
+    are ranked by the float32 expansion ``Σ w c'² − 2 Σ w x' c'`` (as faiss does) of ``x`` and the
+    codebook both shifted by the codebook's per-coordinate mean (``x' = x − μ``, ``c' = c − μ``),
+    so the rounding scales with the codebook's spread and the data's distance from it, not with
+    their offset from the origin (data around 1e4 is assigned as exactly as data around 0). Two
+    codewords whose distances differ by less than that rounding may come out in either order; the
+    returned distance is computed directly.
 
     Args:
         x: ``(n, d)`` float array (numpy or torch).

@@ -575,6 +575,36 @@ mod tests {
     }
 
     #[test]
+    fn data_far_from_the_origin_clusters_like_f64() {
+        // Blobs around 1e4: the f32 expansion used to mis-assign most vectors at every step, so the
+        // objective rose instead of falling and the final assignments were not the nearest.
+        let (n, d, k) = (3000, 8, 16);
+        let x: Vec<f32> = blobs(n, d, 16, 11).iter().map(|v| v + 1e4).collect();
+        let r = kmeans(&x, n, d, k, 20, 2, Weights::None).unwrap();
+        // exact up to float rounding relative to the objective itself (not the data's energy)
+        assert!(
+            r.inertia.windows(2).all(|w| w[1] <= w[0] * (1.0 + 1e-6)),
+            "{:?}",
+            r.inertia
+        );
+        let mut total = 0.0f64;
+        for i in 0..n {
+            let xi = &x[i * d..(i + 1) * d];
+            let d64 = |c: usize| -> f64 {
+                (0..d)
+                    .map(|j| (xi[j] as f64 - r.centroids[c * d + j] as f64).powi(2))
+                    .sum()
+            };
+            let best = (0..k).map(d64).fold(f64::INFINITY, f64::min);
+            let got = d64(r.assignments[i] as usize);
+            assert!(got == best, "vector {i}: {got} vs nearest {best}");
+            total += got;
+        }
+        let last = *r.inertia.last().unwrap();
+        assert!((last - total).abs() <= 1e-6 * total, "{last} vs {total}");
+    }
+
+    #[test]
     fn result_does_not_depend_on_threads() {
         let (n, d, k) = (70_000, 4, 16);
         let x = blobs(n, d, 16, 3);
