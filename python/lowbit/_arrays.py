@@ -27,6 +27,11 @@ def is_torch(x: Any) -> bool:
     return _torch is not None and isinstance(x, _torch.Tensor)
 
 
+def tracks_grad(x: Any) -> bool:
+    """True for a torch tensor that autograd records: it requires grad and grad mode is on."""
+    return is_torch(x) and x.requires_grad and _torch.is_grad_enabled()
+
+
 def _check_tensor_storage(t: Any, arg: str) -> None:
     """:class:`DTypeError` for tensors with no dense host-readable data: meta tensors (shape only),
     sparse / mkldnn layouts."""
