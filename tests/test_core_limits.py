@@ -93,6 +93,17 @@ def test_refused_allocations_raise_a_memory_error_subclass():
     assert out.count("'MemoryError'") == 3  # `except MemoryError` keeps working
 
 
+def test_error_classes_stay_importable():
+    # lowbit.__all__ spreads lowbit.errors.__all__: a class listed there but not imported by the
+    # package would break `from lowbit import *`.
+    import lowbit
+    from lowbit import errors
+
+    assert all(hasattr(lowbit, name) for name in lowbit.__all__ if name in errors.__all__)
+    assert issubclass(errors.AllocationError, errors.LowbitError)
+    assert issubclass(errors.AllocationError, MemoryError)
+
+
 @pytest.mark.parametrize("iters", [2**40, 10**9, 2**64 - 1])
 def test_kmeans_iteration_count_allocates_nothing_up_front(iters):
     # inertia used to be reserved as iters + 1 float64 values (8 GB for 10^9, an abort for 2^40);
