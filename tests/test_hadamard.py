@@ -287,3 +287,80 @@ def test_out_torch_in_place():
     want = lowbit.hadamard(t)
     assert lowbit.hadamard(t, out=t) is t
     assert torch.allclose(t, want)
+
+
+# --- autograd ---------------------------------------------------------------------------------
+
+# (n, perm_seed): a power of two, 12·2^m, a fallback size (blocks 64 + 32 + 4) with and without
+# its permutation, and a fallback of unequal odd blocks
+GRAD_SIZES = [(16, None), (48, None), (100, None), (100, 7), (7, 3)]
+
+
+@pytest.mark.parametrize("n, perm_seed", GRAD_SIZES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_gradient_is_the_adjoint_transform(n, perm_seed, normalize, inverse, with_signs):
+    # The result used to be detached: no grad_fn, so gradients were silently cut.
+    torch = pytest.importorskip("torch")
+    from torch.autograd import gradcheck
+
+    signs = lowbit.random_signs(n, 5) if with_signs else None
+    kw = dict(normalize=normalize, inverse=inverse, signs=signs, perm_seed=perm_seed)
+    x = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda t: lowbit.hadamard(t, **kw), (x,))
+    x = torch.randn(2, 3, n, dtype=torch.float64, requires_grad=True)
+    # against the dense matrix of the same transform: y = x @ M, so dL/dx = g @ Mᵀ
+    M = lowbit.hadamard(np.eye(n), **kw)
+    if not inverse and signs is None:
+        np.testing.assert_allclose(M, lowbit.hadamard_matrix(n, normalize, perm_seed=perm_seed), atol=1e-12)
+    y = lowbit.hadamard(x, **kw)
+    g = torch.randn_like(y)
+    y.backward(g)
+    np.testing.assert_allclose(x.grad.numpy(), g.numpy() @ M.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gradient_along_any_axis_and_dtype(axis):
+    torch = pytest.importorskip("torch")
+    from torch.autograd import gradcheck
+
+    x = torch.randn(5, 7, 3, dtype=torch.float64, requires_grad=True)  # fallback sizes on every axis
+    for normalize in (True, False):
+        assert gradcheck(lambda t: lowbit.hadamard(t, axis, normalize, perm_seed=1), (x,))
+    x = torch.randn(12, 100, 6, dtype=torch.float64)
+    # float32 / bfloat16 inputs get gradients of their own dtype, equal to the float64 ones rounded
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)]:
+        xl = x.detach().to(dtype).requires_grad_()
+        xd = xl.detach().double().requires_grad_()
+        g = torch.randn(x.shape, dtype=torch.float64)
+        lowbit.hadamard(xl, axis, False).backward(g.to(dtype))
+        lowbit.hadamard(xd, axis, False).backward(g.to(dtype).double())
+        assert xl.grad.dtype == dtype
+        torch.testing.assert_close(xl.grad.double(), xd.grad, rtol=tol, atol=tol * xd.grad.abs().max().item())
+
+
+def test_plain_inputs_take_the_plain_path():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 48)
+    y = lowbit.hadamard(x)
+    assert y.grad_fn is None and not y.requires_grad
+    xg = x.clone().requires_grad_()
+    with torch.no_grad():
+        z = lowbit.hadamard(xg)
+    assert z.grad_fn is None and not z.requires_grad
+    torch.testing.assert_close(z, y, rtol=0, atol=0)
+    w = lowbit.hadamard(xg)
+    assert w.requires_grad and w.grad_fn is not None
+    torch.testing.assert_close(w.detach(), y, rtol=0, atol=0)
+
+
+def test_out_is_refused_for_inputs_that_require_grad():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(3, 64, requires_grad=True)
+    with pytest.raises(lowbit.ValueRangeError, match="^out: .*requires grad"):
+        lowbit.hadamard(x, out=torch.empty(3, 64))
+    with torch.no_grad():  # nothing to track: allowed
+        o = torch.empty(3, 64)
+        assert lowbit.hadamard(x, out=o) is o
+        torch.testing.assert_close(o, lowbit.hadamard(x.detach()))

@@ -27,6 +27,39 @@ def is_torch(x: Any) -> bool:
     return _torch is not None and isinstance(x, _torch.Tensor)
 
 
+def tracks_grad(x: Any) -> bool:
+    """True for a torch tensor that autograd records: it requires grad and grad mode is on."""
+    return is_torch(x) and x.requires_grad and _torch.is_grad_enabled()
+
+
+def _check_tensor_storage(t: Any, arg: str) -> None:
+    """:class:`DTypeError` for tensors with no dense host-readable data: meta tensors (shape only),
+    sparse / mkldnn layouts."""
+    if t.device.type == "meta":
+        raise DTypeError(f"{arg}: a meta tensor has no data (shape {tuple(t.shape)}); materialize it first")
+    if t.layout != _torch.strided:
+        raise DTypeError(f"{arg}: tensors of layout {t.layout} are not supported; pass a dense tensor (.to_dense())")
+
+
+def torch_to_numpy(x: Any, arg: str) -> np.ndarray:
+    """A numpy view (or CPU copy) of the data of tensor ``x``, detached; bfloat16 becomes float32.
+
+    Raises:
+        DTypeError: a tensor without dense host-readable data (meta, sparse, quantized, a complex
+            conjugate view, ...), naming ``arg``.
+    """
+    _check_tensor_storage(x, arg)
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == _torch.bfloat16:
+        t = t.float()
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError) as e:  # e.g. a conjugate-bit view, a quantized tensor
+        raise DTypeError(f"{arg}: cannot read this tensor as an array: {e}") from e
+
+
 @dataclass
 class Restore:
     """How to give a core result back in the caller's form."""
@@ -77,15 +110,10 @@ def to_rows(
     """
     restore = Restore()
     if is_torch(x):
-        t = x.detach()
-        restore.torch_dtype, restore.torch_device = t.dtype, t.device
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.dtype == _torch.bfloat16:
-            t = t.float()
-        if t.dtype == _torch.bool:
+        restore.torch_dtype, restore.torch_device = x.dtype, x.device
+        if x.dtype == _torch.bool:
             raise DTypeError(f"{arg}: dtype torch.bool is not supported")
-        a = t.numpy()
+        a = torch_to_numpy(x, arg)
     elif isinstance(x, np.ndarray):
         a = x
         restore.np_dtype = a.dtype
@@ -130,6 +158,7 @@ def out_rows(out: Any, shape: tuple, dtype: np.dtype, arg: str = "out") -> np.nd
     if is_torch(out):
         if out.device.type != "cpu":
             raise ShapeError(f"{arg}: must be a CPU tensor, got device {out.device}")
+        _check_tensor_storage(out, arg)
         if not out.is_contiguous():
             raise ShapeError(f"{arg}: must be contiguous")
         a = out.detach().numpy()

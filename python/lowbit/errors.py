@@ -7,6 +7,9 @@ and pickle under their real module path.
 
 from __future__ import annotations
 
+# ``lowbit.__all__`` spreads this list, so every name in it must also be imported by
+# ``lowbit/__init__.py`` (else ``from lowbit import *`` fails); AllocationError is reached as
+# ``lowbit.errors.AllocationError`` (or caught as ``MemoryError`` / ``LowbitError``).
 __all__ = [
     "LowbitError",
     "UnsupportedSizeError",
@@ -38,6 +41,11 @@ class DTypeError(LowbitError, TypeError):
 
 class ValueRangeError(LowbitError, ValueError):
     """A value outside its allowed set (a 2-bit code of 7, a ternary value of 2, a NaN where none may be)."""
+
+
+class AllocationError(LowbitError, MemoryError):
+    """A buffer the Rust core could not allocate (the size was within the documented limits but
+    more than the machine gives); raised instead of aborting the process."""
 
 
 class CheckpointError(LowbitError, ValueError):

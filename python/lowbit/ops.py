@@ -13,7 +13,16 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import float_dtype, integer_dtype, is_torch, out_rows, to_rows, uint8_only
+from ._arrays import (
+    float_dtype,
+    integer_dtype,
+    is_torch,
+    out_rows,
+    to_rows,
+    torch_to_numpy,
+    tracks_grad,
+    uint8_only,
+)
 from .errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
 
 __all__ = [
@@ -85,12 +94,21 @@ class HadamardPlan:
         return f"HadamardPlan(n={self.n}: {self.describe()})"
 
 
+#: One past the largest length the core takes (its ``usize``).
+_SIZE_END = int(np.iinfo(np.uintp).max) + 1
+
+
 def _check_n(n: Any, arg: str = "n") -> int:
+    """A length as a Python int: :class:`ShapeError` when negative, :class:`UnsupportedSizeError`
+    when it does not fit the core's size type (the core refuses smaller absurd sizes itself)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{arg}: must be an int, got {type(n).__name__}")
+    n = int(n)
     if n < 0:
         raise ShapeError(f"{arg}: must be >= 0, got {n}")
-    return int(n)
+    if n >= _SIZE_END:
+        raise UnsupportedSizeError(f"{arg}: unsupported size {n}: lengths must be < 2**{_SIZE_END.bit_length() - 1}")
+    return n
 
 
 def _check_seed(seed: Any, arg: str) -> int:
@@ -126,12 +144,17 @@ def random_signs(n: int, seed: int) -> np.ndarray:
     """``n`` random signs (int8, each +1 or −1), reproducible from ``seed`` on every platform.
 
     The generator (SplitMix64) is part of the checkpoint format and never changes.
+
+    Raises:
+        UnsupportedSizeError: ``n > 2**32`` (transforms use at most 2^24; a larger ``n`` is taken as
+            a mistake). ShapeError: ``n < 0``. ValueRangeError: ``seed`` outside ``[0, 2**64)``.
+        AllocationError: the machine cannot hold ``n`` bytes.
     """
     return _core.random_signs(_check_n(n), _check_seed(seed, "seed"))
 
 
 def _signs_array(signs: Any, n: int) -> np.ndarray:
-    s = signs.detach().cpu().numpy() if is_torch(signs) else np.asarray(signs)
+    s = torch_to_numpy(signs, "signs") if is_torch(signs) else np.asarray(signs)
     if s.ndim != 1 or s.shape[0] != n:
         raise ShapeError(f"signs: must have shape ({n},), got {s.shape}")
     if s.dtype.kind not in "iuf":
@@ -180,8 +203,22 @@ def hadamard(
         Same type, shape, dtype and device as ``x``; a new array (``x`` is not modified) unless
         ``out`` is given.
 
+    Differentiable: for a torch ``x`` that requires grad (with grad enabled) the result carries a
+    ``grad_fn`` whose backward is the adjoint transform — the inverse for ``normalize=True`` (the
+    transform is orthogonal), the inverse scaled per block by its size for ``normalize=False`` —
+    with the same signs and permutation. ``out=`` is refused then (:class:`ValueRangeError`): the
+    write would bypass autograd. Other inputs take the plain path, with no autograd overhead.
+
     NaN or inf in a vector spread to every output of its block; they never raise.
     """
+    if tracks_grad(x):
+        if out is not None:
+            raise ValueRangeError(
+                "out: cannot be used with an input that requires grad (the write would bypass "
+                "autograd); drop out= or run under torch.no_grad()"
+            )
+        kw = dict(axis=axis, normalize=normalize, signs=signs, inverse=inverse, strict=strict, perm_seed=perm_seed)
+        return _hadamard_function().apply(x, kw)
     rows, restore = to_rows(x, "x", axis, float_dtype)
     n = rows.shape[1]
     s = None if signs is None else _signs_array(signs, n)
@@ -205,6 +242,58 @@ def hadamard(
         if s is not None:
             out *= s.astype(out.dtype)
     return restore(out)
+
+
+_HADAMARD_FUNCTION: Any = None
+
+
+def _hadamard_function() -> Any:
+    """The ``torch.autograd.Function`` of :func:`hadamard` (made on first use: torch is optional)."""
+    global _HADAMARD_FUNCTION
+    if _HADAMARD_FUNCTION is None:
+        import torch
+
+        class HadamardFunction(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, x: Any, kw: dict) -> Any:  # type: ignore[override]
+                ctx.kw = kw
+                return hadamard(x.detach(), **kw)
+
+            @staticmethod
+            def backward(ctx: Any, g: Any) -> tuple:  # type: ignore[override]
+                return _hadamard_adjoint(g, **ctx.kw), None
+
+        _HADAMARD_FUNCTION = HadamardFunction
+    return _HADAMARD_FUNCTION
+
+
+def _hadamard_adjoint(
+    g: Any, axis: int, normalize: bool, signs: Any, inverse: bool, strict: bool, perm_seed: Optional[int]
+) -> Any:
+    """``g @ Mᵀ`` for the matrix ``M`` of ``hadamard(·, **kw)``, as transforms of ``g``.
+
+    With row vectors the forward transform is ``M = D·P·B̂·Σ^½`` (signs, permutation, the
+    orthonormal blocks, then ``Σ^½`` = each block's output scaled by √size unless normalized), so
+    ``Mᵀ = Σ^½·B̂ᵀ·Pᵀ·D``: the normalized inverse of ``g ⊙ √σ``. The inverse transform is
+    ``M⁻¹ = Σ^-½·B̂ᵀ·Pᵀ·D`` with ``M⁻ᵀ = D·P·B̂·Σ^-½``: the normalized forward of ``g``, then
+    ``⊙ 1/√σ``. ``σ`` holds each coordinate's block size (``n`` everywhere for an exact size), and
+    ``Σ = I`` when normalized.
+    """
+    kw = dict(axis=axis, signs=signs, strict=strict, perm_seed=perm_seed)
+    if normalize:
+        return hadamard(g, normalize=True, inverse=not inverse, **kw)
+    import torch
+
+    ax = axis % g.dim()
+    n = g.shape[ax]
+    sigma = np.empty(n, np.float64)
+    for b in hadamard_plan(n, strict=strict).blocks:
+        sigma[b.offset : b.offset + b.size] = b.size
+    root = torch.from_numpy(np.sqrt(sigma)).to(device=g.device, dtype=torch.promote_types(g.dtype, torch.float32))
+    root = root.reshape(n, *([1] * (g.dim() - 1 - ax)))
+    if not inverse:
+        return hadamard(g.to(root.dtype) * root, normalize=True, inverse=True, **kw).to(g.dtype)
+    return (hadamard(g, normalize=True, inverse=False, **kw).to(root.dtype) / root).to(g.dtype)
 
 
 def _hadamard_into(x, rows, restore, out, normalize, inverse, strict, s, perm, perm_seed):
@@ -238,6 +327,7 @@ def hadamard_matrix(
     Returns a numpy array of ``dtype`` (default float64). Meant for tests and small n: it costs n².
     """
     n = _check_n(n)
+    hadamard_plan(n, strict=strict)  # a typed error for lengths the transform refuses, before n²
     eye = np.eye(n, dtype=np.float64)
     return hadamard(eye, normalize=normalize, strict=strict, perm_seed=perm_seed).astype(dtype)
 
@@ -249,6 +339,7 @@ def random_hadamard(n: int, seed: int, *, normalize: bool = True, dtype: Any = n
     hadamard(x, signs=random_signs(n, seed))``. Orthogonal when normalized.
     """
     n = _check_n(n)
+    hadamard_plan(n)  # a typed error for lengths the transform refuses, before n²
     s = random_signs(n, seed)
     return hadamard(np.eye(n, dtype=np.float64), normalize=normalize, signs=s).astype(dtype)
 

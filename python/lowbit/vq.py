@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import is_torch, out_rows
+from ._arrays import is_torch, out_rows, torch_to_numpy
 from .errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = [
@@ -54,9 +54,11 @@ class KMeansResult(NamedTuple):
     Attributes:
         codebook: ``(k, d)`` centroids, in the caller's float dtype and library.
         assignments: ``(n,)`` index of each vector's centroid (numpy ``uint32``, torch ``int64``).
-        inertia: ``(iters + 1,)`` float64 numpy array: the weighted objective
-            ``Σ_i dist(x_i, codebook[assignments_i])`` at the assignment step of each iteration,
-            then of the returned codebook and assignments. Non-increasing up to float rounding.
+        inertia: ``(t + 1,)`` float64 numpy array: the weighted objective
+            ``Σ_i dist(x_i, codebook[assignments_i])`` at the assignment step of each of the
+            ``t ≤ iters`` iterations run, then of the returned codebook and assignments.
+            Non-increasing up to float rounding. ``t < iters`` when the iterations converged
+            (see :func:`kmeans`).
     """
 
     codebook: Any
@@ -100,14 +102,7 @@ class _Like:
 
 def _numpy(x: Any, arg: str) -> np.ndarray:
     if is_torch(x):
-        import torch
-
-        t = x.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return t.numpy()
+        return torch_to_numpy(x, arg)
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"{arg}: expected a numpy array or a torch tensor, got {type(x).__name__}")
@@ -148,13 +143,19 @@ def _weights(weights: Any, n: int, d: int) -> Optional[np.ndarray]:
     return w
 
 
-def _int(v: Any, arg: str, lo: int, hi: Optional[int] = None) -> int:
+#: One past the largest count the core takes (its ``usize``).
+_SIZE_END = int(np.iinfo(np.uintp).max) + 1
+
+
+def _int(v: Any, arg: str, lo: int, hi: int = _SIZE_END) -> int:
+    """``v`` as a Python int in ``[lo, hi)`` (by default: what the core's ``usize`` holds), else
+    :class:`ValueRangeError` naming ``arg``."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{arg}: must be an int, got {type(v).__name__}")
     v = int(v)
-    if v < lo or (hi is not None and v >= hi):
-        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueRangeError(f"{arg}: must be {rng}, got {v}")
+    if not lo <= v < hi:
+        end = f"2**{hi.bit_length() - 1}" if hi > 1 and hi & (hi - 1) == 0 else str(hi)
+        raise ValueRangeError(f"{arg}: must be in [{lo}, {end}), got {v}")
     return v
 
 
@@ -177,21 +178,25 @@ def kmeans(
     proportion to the row's weighted squared distance to the centres so far), then ``iters`` Lloyd
     iterations: assign every row to its nearest centroid (ties: the lowest index), move each
     centroid to the weighted mean of its rows (per coordinate with per-element weights); an empty
-    cluster is re-seeded on the row farthest from its centroid. A last assignment to the returned
-    centroids gives ``assignments``. Deterministic for a given ``seed`` whatever the number of
-    threads.
+    cluster is re-seeded on the row farthest from its centroid. An iteration that leaves every
+    centroid unchanged is a fixed point (each later one would repeat it exactly), so the iterations
+    stop there: the result is that of running all ``iters``, with a shorter ``inertia``. A last
+    assignment to the returned centroids gives ``assignments``. Deterministic for a given ``seed``
+    whatever the number of threads.
 
     Args:
         x: ``(n, d)`` float array (numpy or torch).
         k: number of centroids, ``1 ≤ k ≤ n``.
-        iters: Lloyd iterations (≥ 0).
+        iters: most Lloyd iterations (≥ 0); nothing is allocated per iteration up front, so a
+            large bound just means "until convergence".
         seed: seed of the initialisation, in ``[0, 2**64)``.
         weights: optional weights of the squared error (module docs): ``(n,)``/``(n, 1)`` per row,
             ``(1, d)`` per dimension, ``(n, d)`` per element; finite and ≥ 0.
         init: optional ``(k, d)`` float array of initial centroids (then ``seed`` is unused).
 
     Returns:
-        :class:`KMeansResult` ``(codebook (k, d), assignments (n,), inertia (iters + 1,))``.
+        :class:`KMeansResult` ``(codebook (k, d), assignments (n,), inertia (t + 1,))`` for the
+        ``t ≤ iters`` iterations run.
 
     Raises:
         ShapeError: ``x`` not 2-D or with ``d = 0``; ``weights`` or ``init`` of the wrong shape.
@@ -222,9 +227,12 @@ def assign(x: Any, codebook: Any, weights: Any = None, *, return_distances: bool
     """Index of the nearest row of ``codebook`` for every row of ``x`` (ties: the lowest index).
 
     Distance: ``Σ_j w_ij (x_ij − c_j)²`` (plain squared Euclidean without ``weights``). Codewords
-    are ranked by the float32 expansion ``Σ w c² − 2 Σ w x c`` (as faiss does), so two whose
-    distances differ by less than its rounding may come out in either order; the returned distance
-    is computed directly.
+    are ranked by the float32 expansion ``Σ w c'² − 2 Σ w x' c'`` (as faiss does) of ``x`` and the
+    codebook both shifted by the codebook's per-coordinate mean (``x' = x − μ``, ``c' = c − μ``),
+    so the rounding scales with the codebook's spread and the data's distance from it, not with
+    their offset from the origin (data around 1e4 is assigned as exactly as data around 0). Two
+    codewords whose distances differ by less than that rounding may come out in either order; the
+    returned distance is computed directly.
 
     Args:
         x: ``(n, d)`` float array (numpy or torch).

@@ -40,9 +40,11 @@ fn check_bits(bits: u32) -> Result<()> {
 }
 
 /// Bytes per packed row of `n` codes of `bits` bits.
+///
+/// Errors: unsupported `bits`; `n · bits` overflowing `usize` ([`Error::UnsupportedSize`] on `n`).
 pub fn packed_row_bytes(n: usize, bits: u32) -> Result<usize> {
     check_bits(bits)?;
-    Ok((n * bits as usize).div_ceil(8))
+    Ok(crate::error::checked_len(n, bits as usize, "n")?.div_ceil(8))
 }
 
 /// Bytes per packed row of `n` ternary values.
@@ -534,6 +536,17 @@ mod tests {
         let mut out = vec![0u8; codes.len()];
         unpack(&p, n, bits, &mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn row_bytes_of_huge_n_are_errors_not_wrapped() {
+        // n · bits used to wrap in release builds (2^62 · 8 = 0 mod 2^64): a wrong row size that
+        // later checks compared against instead of refusing n.
+        assert!(matches!(
+            packed_row_bytes(1 << 62, 8),
+            Err(Error::UnsupportedSize { arg: "n", .. })
+        ));
+        assert_eq!(packed_row_bytes((1 << 61) - 1, 8), Ok((1 << 61) - 1));
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! around the core call through [`detached`], and returns new numpy arrays. Core errors become
 //! `lowbit.errors` exceptions in [`to_pyerr`], the single conversion point.
 
+use numpy::npyffi::{get_type_object, npy_intp, NpyTypes, PY_ARRAY_API};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyReadonlyArrayDyn, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1,
+    PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
@@ -24,6 +25,7 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         Error::UnsupportedSize { .. } => "UnsupportedSizeError",
         Error::Shape { .. } => "ShapeError",
         Error::Value { .. } => "ValueRangeError",
+        Error::Alloc { .. } => "AllocationError",
     };
     let msg = e.to_string();
     let cls = py
@@ -58,20 +60,86 @@ fn contiguous<'a, T: numpy::Element>(
     })
 }
 
-/// A new C-contiguous `(rows, cols)` numpy array, **uninitialized**, with its data as a slice.
+/// A new C-contiguous numpy array of shape `dims`, **uninitialized**, and its number of elements.
 ///
 /// numpy's allocator (huge pages for large arrays, no zero fill) makes big outputs several times
-/// cheaper than a fresh zeroed `Vec`, whose page faults dominated large calls. Every caller
-/// writes every element before the array is returned.
+/// cheaper than a fresh zeroed `Vec`, whose page faults dominated large calls. The shape is checked
+/// first (`arg` names what sized it): one that overflows the address space is an
+/// [`Error::UnsupportedSize`], one the allocator refuses an [`Error::Alloc`] — never a panic.
+fn new_uninit<'py, T: numpy::Element>(
+    py: Python<'py>,
+    dims: &[usize],
+    arg: &'static str,
+) -> PyResult<(Bound<'py, PyAny>, usize)> {
+    let len = dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    let bytes = len
+        .and_then(|l| l.checked_mul(std::mem::size_of::<T>()))
+        .filter(|&b| b <= isize::MAX as usize && dims.iter().all(|&d| d <= isize::MAX as usize));
+    let (Some(len), Some(bytes)) = (len, bytes) else {
+        return Err(to_pyerr(
+            py,
+            Error::UnsupportedSize {
+                arg,
+                value: dims.iter().copied().max().unwrap_or(0),
+                detail: format!("an output array of shape {dims:?} does not fit the address space"),
+            },
+        ));
+    };
+    let mut shape: Vec<npy_intp> = dims.iter().map(|&d| d as npy_intp).collect();
+    // SAFETY: the numpy C API with a valid type object, a dtype reference it steals, `shape` of
+    // `dims.len()` valid extents, and no strides / data / base object (numpy allocates).
+    let ptr = unsafe {
+        PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            get_type_object(py, NpyTypes::PyArray_Type),
+            T::get_dtype(py).into_dtype_ptr(),
+            dims.len() as std::ffi::c_int,
+            shape.as_mut_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    if ptr.is_null() {
+        let err = PyErr::fetch(py);
+        return Err(if err.is_instance_of::<PyMemoryError>(py) {
+            to_pyerr(py, Error::Alloc { arg, bytes })
+        } else {
+            err
+        });
+    }
+    // SAFETY: a new reference to the array numpy just created.
+    Ok((unsafe { Bound::from_owned_ptr(py, ptr) }, len))
+}
+
+/// A new C-contiguous `(rows, cols)` array, **uninitialized**, with its data as a slice; see
+/// [`new_uninit`]. Every caller writes every element before the array is returned.
 fn new_array<'py, T: numpy::Element>(
     py: Python<'py>,
     rows: usize,
     cols: usize,
+    arg: &'static str,
 ) -> PyResult<(Bound<'py, PyArray2<T>>, &'py mut [T])> {
+    let (any, len) = new_uninit::<T>(py, &[rows, cols], arg)?;
+    // SAFETY: new_uninit made a 2-D array of dtype T.
+    let arr = unsafe { any.cast_into_unchecked::<PyArray2<T>>() };
     // SAFETY: the array is new, so nothing else can view its buffer; the slice lives as long as
     // the array object ('py) and is only written by this call before the array is handed out.
-    let arr = unsafe { PyArray2::<T>::new(py, [rows, cols], false) };
-    let slice = unsafe { std::slice::from_raw_parts_mut(arr.data(), rows * cols) };
+    let slice = unsafe { std::slice::from_raw_parts_mut(arr.data(), len) };
+    Ok((arr, slice))
+}
+
+/// [`new_array`] of shape `(n,)`.
+fn new_array1<'py, T: numpy::Element>(
+    py: Python<'py>,
+    n: usize,
+    arg: &'static str,
+) -> PyResult<(Bound<'py, PyArray1<T>>, &'py mut [T])> {
+    let (any, len) = new_uninit::<T>(py, &[n], arg)?;
+    // SAFETY: as in new_array, for a 1-D array.
+    let arr = unsafe { any.cast_into_unchecked::<PyArray1<T>>() };
+    let slice = unsafe { std::slice::from_raw_parts_mut(arr.data(), len) };
     Ok((arr, slice))
 }
 
@@ -144,7 +212,7 @@ fn hadamard_impl<'py, T: Real + numpy::Element>(
             Ok(o)
         }
         None => {
-            let (arr, os) = new_array::<T>(py, rows, n)?;
+            let (arr, os) = new_array::<T>(py, rows, n, "x")?;
             detached(py, || h.apply_rows_into(xs, os))?;
             Ok(arr)
         }
@@ -251,16 +319,20 @@ fn hadamard_base_orders() -> Vec<usize> {
     hadamard::BASE_ORDERS.to_vec()
 }
 
-/// n signs (int8, ±1) from seed (SplitMix64; the stream is fixed forever).
+/// n signs (int8, ±1) from seed (SplitMix64; the stream is fixed forever); n ≤ 2^32.
 #[pyfunction]
-fn random_signs<'py>(py: Python<'py>, n: usize, seed: u64) -> Bound<'py, PyArray1<i8>> {
-    crate::rng::random_signs(n, seed).into_pyarray(py)
+fn random_signs<'py>(py: Python<'py>, n: usize, seed: u64) -> PyResult<Bound<'py, PyArray1<i8>>> {
+    Ok(detached(py, || crate::rng::random_signs(n, seed))?.into_pyarray(py))
 }
 
-/// A permutation of 0..n (uint64) from seed.
+/// A permutation of 0..n (uint64) from seed; n ≤ 2^32.
 #[pyfunction]
-fn random_permutation<'py>(py: Python<'py>, n: usize, seed: u64) -> Bound<'py, PyArray1<u64>> {
-    crate::rng::random_permutation(n, seed).into_pyarray(py)
+fn random_permutation<'py>(
+    py: Python<'py>,
+    n: usize,
+    seed: u64,
+) -> PyResult<Bound<'py, PyArray1<u64>>> {
+    Ok(detached(py, || crate::rng::random_permutation(n, seed))?.into_pyarray(py))
 }
 
 /// Pack uint8 codes (rows, n) into (rows, ceil(n·bits/8)) bytes; see `lowbit.pack`.
@@ -273,7 +345,7 @@ fn pack<'py>(
     let [rows, n] = [codes.shape()[0], codes.shape()[1]];
     let cs = contiguous(&codes, "codes")?;
     let rb = core_pack::packed_row_bytes(n, bits).map_err(|e| to_pyerr(py, e))?;
-    let (out, os) = new_array::<u8>(py, rows, rb)?;
+    let (out, os) = new_array::<u8>(py, rows, rb, "codes")?;
     detached(py, || core_pack::pack(cs, n, bits, os))?;
     Ok(out)
 }
@@ -317,17 +389,18 @@ fn unpack<'py>(
     n: usize,
     out: Option<Bound<'py, PyArray2<u8>>>,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
-    let rows = packed.shape()[0];
+    let [rows, cols] = [packed.shape()[0], packed.shape()[1]];
     let ps = contiguous(&packed, "packed")?;
     let rb = core_pack::packed_row_bytes(n, bits).map_err(|e| to_pyerr(py, e))?;
-    if ps.len() != rows * rb {
+    // Compare the row width, not rows · rb (which wraps for absurd n): the output size rows · n
+    // is then bounded by the input's.
+    if cols != rb {
         return Err(to_pyerr(
             py,
             Error::Shape {
                 arg: "packed",
                 detail: format!(
-                    "rows have {} bytes; n = {n} {bits}-bit codes take exactly {rb}",
-                    packed.shape()[1]
+                    "rows have {cols} bytes; n = {n} {bits}-bit codes take exactly {rb}"
                 ),
             },
         ));
@@ -342,7 +415,7 @@ fn unpack<'py>(
             Ok(o)
         }
         None => {
-            let (arr, os) = new_array::<u8>(py, rows, n)?;
+            let (arr, os) = new_array::<u8>(py, rows, n, "n")?;
             detached(py, || core_pack::unpack(ps, n, bits, os))?;
             Ok(arr)
         }
@@ -375,7 +448,7 @@ fn pack_ternary<'py>(
     let [rows, n] = [values.shape()[0], values.shape()[1]];
     let vs = contiguous(&values, "values")?;
     let rb = core_pack::ternary_row_bytes(n, form);
-    let (out, os) = new_array::<u8>(py, rows, rb)?;
+    let (out, os) = new_array::<u8>(py, rows, rb, "values")?;
     detached(py, || core_pack::pack_ternary(vs, n, form, os))?;
     Ok(out)
 }
@@ -392,8 +465,21 @@ fn unpack_ternary<'py>(
     out: Option<Bound<'py, PyArray2<i8>>>,
 ) -> PyResult<Bound<'py, PyArray2<i8>>> {
     let form = ternary_form(py, form)?;
-    let rows = packed.shape()[0];
+    let [rows, cols] = [packed.shape()[0], packed.shape()[1]];
     let ps = contiguous(&packed, "packed")?;
+    let rb = core_pack::ternary_row_bytes(n, form);
+    // Checked before allocating rows · n outputs: an n that the rows cannot hold must not size it.
+    if cols != rb {
+        return Err(to_pyerr(
+            py,
+            Error::Shape {
+                arg: "packed",
+                detail: format!(
+                    "rows have {cols} bytes; n = {n} ternary values ({form:?}) take exactly {rb}"
+                ),
+            },
+        ));
+    }
     match out {
         Some(o) => {
             {
@@ -404,7 +490,7 @@ fn unpack_ternary<'py>(
             Ok(o)
         }
         None => {
-            let (arr, os) = new_array::<i8>(py, rows, n)?;
+            let (arr, os) = new_array::<i8>(py, rows, n, "n")?;
             detached(py, || core_pack::unpack_ternary(ps, n, form, os))?;
             Ok(arr)
         }
@@ -476,7 +562,8 @@ type KMeansArrays<'py> = (
 );
 
 /// k-means of the rows of a float32 (n, d) array: (centroids float32 (k, d), assignments uint32
-/// (n,), inertia float64 (iters + 1,)); see `lowbit.vq.kmeans`.
+/// (n,), inertia float64 (t + 1,) for the t ≤ iters iterations before convergence); see
+/// `lowbit.vq.kmeans`.
 #[pyfunction]
 #[pyo3(signature = (x, k, iters=10, seed=0, weights=None, init=None))]
 fn vq_kmeans<'py>(
@@ -541,14 +628,10 @@ fn vq_assign<'py>(
     let xs = contiguous(&x, "x")?;
     let cs = contiguous(&codebook, "codebook")?;
     let w = vq_weights(py, &weights, n, d)?;
-    // SAFETY: new arrays, written in full by assign_into before they are returned.
-    let idx = unsafe { PyArray1::<u32>::new(py, [n], false) };
-    let dist = unsafe { PyArray1::<f32>::new(py, [n], false) };
-    {
-        let is = unsafe { std::slice::from_raw_parts_mut(idx.data(), n) };
-        let ds = unsafe { std::slice::from_raw_parts_mut(dist.data(), n) };
-        detached(py, || vq::assign_into(xs, n, d, cs, k, w, is, ds))?;
-    }
+    // New arrays, written in full by assign_into before they are returned.
+    let (idx, is) = new_array1::<u32>(py, n, "x")?;
+    let (dist, ds) = new_array1::<f32>(py, n, "x")?;
+    detached(py, || vq::assign_into(xs, n, d, cs, k, w, is, ds))?;
     Ok((idx, dist))
 }
 
@@ -570,12 +653,9 @@ fn e8p_encode<'py>(
         ));
     }
     let xs = contiguous(&x, "x")?;
-    // SAFETY: a new array, written in full by encode_into before it is returned.
-    let out = unsafe { PyArray1::<u16>::new(py, [n], false) };
-    {
-        let os = unsafe { std::slice::from_raw_parts_mut(out.data(), n) };
-        detached(py, || e8p::encode_into(xs, os))?;
-    }
+    // A new array, written in full by encode_into before it is returned.
+    let (out, os) = new_array1::<u16>(py, n, "x")?;
+    detached(py, || e8p::encode_into(xs, os))?;
     Ok(out)
 }
 
@@ -620,7 +700,7 @@ fn e8p_decode<'py>(
             Ok(o)
         }
         None => {
-            let (arr, os) = new_array::<f32>(py, n, e8p::DIM)?;
+            let (arr, os) = new_array::<f32>(py, n, e8p::DIM, "codes")?;
             detached(py, || e8p::decode_into(cs, os, scale))?;
             Ok(arr)
         }
@@ -639,10 +719,12 @@ fn e81b_codebook<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
     reshape2(py, e8p::e81b_codebook(), e8p::E81B_SIZE, e8p::DIM)
 }
 
-/// Resize the thread pool (0 = default: LOWBIT_NUM_THREADS or all cores).
+/// Resize the thread pool (0 = default: LOWBIT_NUM_THREADS or all cores; at most 4096).
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    crate::threads::set_num_threads(n)
+fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
+    crate::threads::check_num_threads(n).map_err(|e| to_pyerr(py, e))?;
+    crate::threads::set_num_threads(n);
+    Ok(())
 }
 
 /// Threads of the pool the kernels run in.

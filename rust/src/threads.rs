@@ -5,6 +5,12 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::error::{Error, Result};
+
+/// Most threads a pool may have: each costs a stack, and a count far beyond any machine's cores is
+/// a mistake (`LOWBIT_NUM_THREADS` above it is clamped to it).
+pub const MAX_THREADS: usize = 4096;
+
 fn slot() -> &'static Mutex<Option<Arc<rayon::ThreadPool>>> {
     static POOL: OnceLock<Mutex<Option<Arc<rayon::ThreadPool>>>> = OnceLock::new();
     POOL.get_or_init(|| Mutex::new(None))
@@ -37,6 +43,7 @@ fn default_threads() -> usize {
                 .map(|n| n.get())
                 .unwrap_or(1)
         })
+        .min(MAX_THREADS)
 }
 
 /// The current pool (built on first use).
@@ -47,12 +54,26 @@ pub fn pool() -> Arc<rayon::ThreadPool> {
         .clone()
 }
 
-/// Replace the pool with one of `threads` threads (0 = default). Running work keeps its pool.
+/// [`Error::UnsupportedSize`] for a thread count above [`MAX_THREADS`] (the bindings refuse it
+/// before [`set_num_threads`], which clamps).
+pub fn check_num_threads(threads: usize) -> Result<()> {
+    if threads > MAX_THREADS {
+        return Err(Error::UnsupportedSize {
+            arg: "n",
+            value: threads,
+            detail: format!("at most {MAX_THREADS} threads"),
+        });
+    }
+    Ok(())
+}
+
+/// Replace the pool with one of `threads` threads (0 = default; clamped to [`MAX_THREADS`]).
+/// Running work keeps its pool.
 pub fn set_num_threads(threads: usize) {
     let n = if threads == 0 {
         default_threads()
     } else {
-        threads
+        threads.min(MAX_THREADS)
     };
     let mut guard = slot().lock().unwrap_or_else(|e| e.into_inner());
     *guard = Some(build(n));
@@ -66,4 +87,18 @@ pub fn num_threads() -> usize {
 /// Run `f` inside the pool.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_thread_counts_are_refused() {
+        assert!(matches!(
+            check_num_threads(1 << 40),
+            Err(Error::UnsupportedSize { arg: "n", .. })
+        ));
+        assert_eq!(check_num_threads(MAX_THREADS), Ok(()));
+    }
 }

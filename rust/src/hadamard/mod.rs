@@ -464,7 +464,7 @@ mod tests {
     #[test]
     fn inverse_undoes_forward_with_signs_raw_and_normalized() {
         for n in [1usize, 2, 12, 24, 100, 576, 1536] {
-            let signs = crate::rng::random_signs(n, 11);
+            let signs = crate::rng::random_signs(n, 11).unwrap();
             for normalize in [true, false] {
                 let x: Vec<f64> = (0..3 * n).map(|i| ((i * 31 % 17) as f64) - 8.0).collect();
                 let mut y = x.clone();

@@ -1,20 +1,27 @@
 //! Nearest codeword of every vector under the weighted squared distance
 //! `Σ_j w_ij (x_ij − c_j)²` (see [`Weights`]).
 //!
-//! The search ranks codewords by the expansion `Σ_j w c_j² − 2 Σ_j w x_j c_j` (the `Σ w x²` term is
-//! the same for every codeword): without per-element weights the codebook side is prepared once
-//! (`−2 w_j c_j` and `Σ_j w_j c_j²`) and a score is one dot product; with per-element weights it is
-//! `Σ_j w_ij c_j² + (−2 w_ij x_ij) c_j`, two. Vectors are taken 32 at a time, transposed so each
-//! coordinate of 16 vectors fills one SIMD register, and every codeword is scored against all 32 at
-//! once (one broadcast per coordinate). Ties go to the lowest index. The distance returned for the
-//! winner is recomputed directly as `Σ w (x − c)²`, so it has no cancellation error; the ranking
-//! itself has the expansion's f32 rounding (relative to `‖c‖²` and `x·c`, as in faiss), so two
-//! codewords whose distances differ by less than that may come out in either order.
+//! Both sides are first shifted by `μ`, the per-coordinate mean of the codebook (`x' = x − μ`,
+//! `c' = c − μ`: the distance is unchanged), then the search ranks codewords by the expansion
+//! `Σ_j w c'_j² − 2 Σ_j w x'_j c'_j` (the `Σ w x'²` term is the same for every codeword): without
+//! per-element weights the codebook side is prepared once (`−2 w_j c'_j` and `Σ_j w_j c'_j²`) and a
+//! score is one dot product; with per-element weights it is `Σ_j w_ij c'_j² + (−2 w_ij x'_ij) c'_j`,
+//! two. Vectors are taken 32 at a time, shifted and transposed so each coordinate of 16 vectors
+//! fills one SIMD register, and every codeword is scored against all 32 at once (one broadcast per
+//! coordinate). Ties go to the lowest index. The distance returned for the winner is recomputed
+//! directly as `Σ w (x − c)²`, so it has no cancellation error.
+//!
+//! The ranking has the expansion's f32 rounding relative to `‖c'‖²` and `x'·c'`. Without the shift
+//! that is relative to `‖c‖²`: data and codebook around an offset of 10⁴ in f32 had rounding
+//! errors (~10² for `d = 8`) far beyond the distances, and most indices were wrong. With it, the
+//! error scales with the spread of the codebook and the data's distance from it, so only codewords
+//! whose distances differ by less than that (near-ties) may come out in either order. The shifted
+//! values of vectors and codewords within a factor 2 of `μ` are exact (Sterbenz).
 
 use rayon::prelude::*;
 
 use super::{fmadd, Weights};
-use crate::error::{Error, Result};
+use crate::error::{checked_len, try_vec, Error, Result};
 
 /// Vectors per SIMD register (16 f32 lanes = AVX-512).
 const L: usize = 16;
@@ -29,6 +36,8 @@ pub(crate) struct Prepared<'a> {
     pub k: usize,
     /// The codewords (for the exact distance of the winner).
     pub codebook: &'a [f32],
+    /// `d`: the shift `μ` of both sides (the codebook's per-coordinate mean).
+    shift: Vec<f32>,
     /// `k × d`: coefficient of the vector-side term (`−2 w_j c_j`, or `c_j` with per-element weights).
     lin: Vec<f32>,
     /// `k × d`: `c_j²` (per-element weights only).
@@ -39,20 +48,30 @@ pub(crate) struct Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    pub(crate) fn new(codebook: &'a [f32], k: usize, d: usize, weights: &Weights<'_>) -> Self {
+    /// Errors: [`Error::Alloc`] naming `codebook` when its `k × d` tables cannot be allocated.
+    pub(crate) fn new(
+        codebook: &'a [f32],
+        k: usize,
+        d: usize,
+        weights: &Weights<'_>,
+    ) -> Result<Self> {
         let per_element = matches!(weights, Weights::PerElement(_));
-        let mut lin = vec![0.0f32; k * d];
-        let mut quad = if per_element {
-            vec![0.0f32; k * d]
-        } else {
-            Vec::new()
-        };
-        let mut cn = vec![0.0f32; k];
+        let kd = checked_len(k, d, "codebook")?;
+        let mut lin = try_vec(kd, 0.0f32, "codebook")?;
+        let mut quad = try_vec(if per_element { kd } else { 0 }, 0.0f32, "codebook")?;
+        let mut cn = try_vec(k, 0.0f32, "codebook")?;
+        let mut mean = try_vec(d, 0.0f64, "codebook")?;
+        for row in codebook.chunks_exact(d) {
+            for (m, &v) in mean.iter_mut().zip(row) {
+                *m += v as f64;
+            }
+        }
+        let shift: Vec<f32> = mean.iter().map(|&m| (m / k.max(1) as f64) as f32).collect();
         for c in 0..k {
             let row = &codebook[c * d..(c + 1) * d];
             let mut s = 0.0f32;
             for j in 0..d {
-                let v = row[j];
+                let v = row[j] - shift[j];
                 if per_element {
                     lin[c * d + j] = v;
                     quad[c * d + j] = v * v;
@@ -67,15 +86,16 @@ impl<'a> Prepared<'a> {
             }
             cn[c] = s;
         }
-        Prepared {
+        Ok(Prepared {
             d,
             k,
             codebook,
+            shift,
             lin,
             quad,
             cn,
             per_element,
-        }
+        })
     }
 }
 
@@ -348,6 +368,7 @@ fn chunk_fixed<const D: usize, const PE: bool, const F: bool>(
     dist: &mut [f32],
 ) {
     let m = idx.len();
+    let shift: &[f32; D] = p.shift[..].try_into().unwrap();
     let mut i0 = 0;
     while i0 < m {
         let cnt = (B * L).min(m - i0);
@@ -357,12 +378,13 @@ fn chunk_fixed<const D: usize, const PE: bool, const F: bool>(
             let (b, l) = (t / L, t % L);
             let xr: &[f32; D] = x[(i0 + t) * D..(i0 + t + 1) * D].try_into().unwrap();
             for j in 0..D {
+                let v = xr[j] - shift[j];
                 if PE {
                     let wv = weight(w, i0 + t, j, D);
-                    pt[b][j][l] = -2.0 * wv * xr[j];
+                    pt[b][j][l] = -2.0 * wv * v;
                     qt[b][j][l] = wv;
                 } else {
-                    pt[b][j][l] = xr[j];
+                    pt[b][j][l] = v;
                 }
             }
         }
@@ -399,7 +421,7 @@ fn chunk_dyn<const PE: bool, const F: bool>(
         for t in 0..cnt {
             let (b, l) = (t / L, t % L);
             for j in 0..d {
-                let v = x[(i0 + t) * d + j];
+                let v = x[(i0 + t) * d + j] - p.shift[j];
                 if PE {
                     let wv = weight(w, i0 + t, j, d);
                     pt[(b * d + j) * L + l] = -2.0 * wv * v;
@@ -470,10 +492,10 @@ pub(crate) fn check_inputs(
             detail: "vectors must have at least one dimension (d = 0)".into(),
         });
     }
-    if x.len() != n * d {
+    if n.checked_mul(d) != Some(x.len()) {
         return Err(Error::Shape {
             arg: "x",
-            detail: format!("has {} values, need n·d = {n}·{d} = {}", x.len(), n * d),
+            detail: format!("has {} values, need n·d = {n}·{d}", x.len()),
         });
     }
     if k == 0 {
@@ -488,13 +510,12 @@ pub(crate) fn check_inputs(
             detail: format!("k = {k} codewords do not fit 32-bit indices"),
         });
     }
-    if codebook.len() != k * d {
+    if k.checked_mul(d) != Some(codebook.len()) {
         return Err(Error::Shape {
             arg: "codebook",
             detail: format!(
-                "has {} values, need k·d = {k}·{d} = {} (codewords of the vectors' d = {d})",
+                "has {} values, need k·d = {k}·{d} (codewords of the vectors' d = {d})",
                 codebook.len(),
-                k * d
             ),
         });
     }
@@ -527,7 +548,7 @@ pub fn assign_into(
             });
         }
     }
-    let p = Prepared::new(codebook, k, d, &weights);
+    let p = Prepared::new(codebook, k, d, &weights)?;
     assign_prepared(x, &weights, &p, idx, dist);
     Ok(())
 }
@@ -569,8 +590,8 @@ pub fn assign(
     k: usize,
     weights: Weights<'_>,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
-    let mut idx = vec![0u32; n];
-    let mut dist = vec![0.0f32; n];
+    let mut idx = try_vec(n, 0u32, "x")?;
+    let mut dist = try_vec(n, 0.0f32, "x")?;
     assign_into(x, n, d, codebook, k, weights, &mut idx, &mut dist)?;
     Ok((idx, dist))
 }
@@ -655,6 +676,64 @@ mod tests {
                 (5000, 8, 64),
             ] {
                 check(n, d, k, kind, 11 + kind as u64);
+            }
+        }
+    }
+
+    /// Data and codebook around `offset` (uniform within ±`spread`), weights of `kind`: every
+    /// index is the f64 brute-force nearest, or an exact f64 tie with it.
+    fn check_offset(n: usize, d: usize, k: usize, kind: u8, offset: f32, spread: f32, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        let shifted = |v: Vec<f32>| v.into_iter().map(|e| offset + e).collect::<Vec<f32>>();
+        let x = shifted(rand_vec(&mut rng, n * d, spread));
+        let cb = shifted(rand_vec(&mut rng, k * d, spread));
+        let wv: Vec<f32> = match kind {
+            1 => rand_vec(&mut rng, n, 1.0).iter().map(|v| v.abs()).collect(),
+            2 => rand_vec(&mut rng, d, 1.0).iter().map(|v| v.abs()).collect(),
+            3 => rand_vec(&mut rng, n * d, 1.0)
+                .iter()
+                .map(|v| v.abs())
+                .collect(),
+            _ => vec![],
+        };
+        let w = match kind {
+            1 => Weights::PerPoint(&wv),
+            2 => Weights::PerDim(&wv),
+            3 => Weights::PerElement(&wv),
+            _ => Weights::None,
+        };
+        let (idx, _) = assign(&x, n, d, &cb, k, w).unwrap();
+        let mut wrong = 0;
+        for i in 0..n {
+            let xi = &x[i * d..(i + 1) * d];
+            let (bi, bd) = brute(xi, &cb, d, &w, i);
+            let c = idx[i] as usize;
+            let got = brute(xi, &cb[c * d..(c + 1) * d], d, &w, i).1;
+            if c != bi && got != bd {
+                wrong += 1;
+            }
+        }
+        assert_eq!(
+            wrong, 0,
+            "offset {offset} spread {spread} n={n} d={d} k={k} kind={kind}: {wrong} of {n} not nearest"
+        );
+    }
+
+    #[test]
+    fn data_far_from_the_origin_is_assigned_exactly() {
+        // The expansion ‖c‖² − 2x·c in f32 lost every digit of the distances here: at offset 1e4,
+        // ‖c‖² ≈ 8e8 for d = 8 rounds by ~64, the distances are ~1.
+        for &(offset, spread) in &[(1e4f32, 1.0f32), (1e5, 0.05), (-3e4, 2.0), (1e4, 1e-2)] {
+            for kind in 0..4 {
+                for &(n, d, k) in &[
+                    (2000, 8, 256),
+                    (500, 3, 40),
+                    (300, 20, 17),
+                    (400, 2, 9),
+                    (400, 4, 64),
+                ] {
+                    check_offset(n, d, k, kind, offset, spread, 5 + kind as u64);
+                }
             }
         }
     }

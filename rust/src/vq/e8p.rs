@@ -561,10 +561,14 @@ pub fn decode_into(
     row_scale: Option<(&[f32], usize)>,
 ) -> Result<()> {
     let n = codes.len();
-    if out.len() != n * DIM {
+    if n.checked_mul(DIM) != Some(out.len()) {
         return Err(Error::Shape {
             arg: "out",
-            detail: format!("has {} values, need {} (8 per code)", out.len(), n * DIM),
+            detail: format!(
+                "has {} values, need {} (8 per code)",
+                out.len(),
+                n.saturating_mul(DIM)
+            ),
         });
     }
     if let Some((scale, per_row)) = row_scale {

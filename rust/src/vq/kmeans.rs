@@ -16,8 +16,12 @@
 //!   centroid, in decreasing order of weighted distance (lowest index on ties), skipping vectors
 //!   equal to one already used, so the `k` centroids stay distinct whenever the data allow it.
 //!   An empty cluster has no vectors, so moving it never raises the objective.
-//! * A last assignment to the returned centroids gives `assignments` and `inertia[iters]`: so
-//!   `inertia` has `iters + 1` values, non-increasing up to float rounding.
+//! * **Convergence**: an iteration that leaves every centroid bit-for-bit unchanged is a fixed
+//!   point — every later one would repeat it exactly — so the iterations stop there, after
+//!   `t ≤ iters` of them, with the same centroids and assignments as running all `iters`.
+//! * A last assignment to the returned centroids gives `assignments` and `inertia[t]`: so
+//!   `inertia` has `t + 1 ≤ iters + 1` values (grown as the iterations run, never reserved for
+//!   `iters` up front), non-increasing up to float rounding.
 //!
 //! Sums are accumulated in `f64` per fixed block of vectors and reduced in block order, so the
 //! result does not depend on the number of threads.
@@ -26,7 +30,7 @@ use rayon::prelude::*;
 
 use super::assign::{assign_chunk, assign_prepared, exact_dist, Prepared, PER_TASK};
 use super::Weights;
-use crate::error::{Error, Result};
+use crate::error::{try_vec, Error, Result};
 use crate::rng::SplitMix64;
 
 /// Sample size of the k-means++ initialisation, per centroid.
@@ -41,8 +45,8 @@ pub struct KMeans {
     pub centroids: Vec<f32>,
     /// The nearest centroid of each vector (`n`).
     pub assignments: Vec<u32>,
-    /// The objective at the assignment step of every iteration, then of the returned result
-    /// (`iters + 1` values).
+    /// The objective at the assignment step of every iteration run, then of the returned result
+    /// (`t + 1` values for the `t ≤ iters` iterations before convergence; see the module docs).
     pub inertia: Vec<f64>,
 }
 
@@ -53,10 +57,17 @@ fn check(x: &[f32], n: usize, d: usize, k: usize, weights: &Weights<'_>) -> Resu
             detail: "vectors must have at least one dimension (d = 0)".into(),
         });
     }
-    if x.len() != n * d {
+    if n.checked_mul(d) != Some(x.len()) {
         return Err(Error::Shape {
             arg: "x",
-            detail: format!("has {} values, need n·d = {n}·{d} = {}", x.len(), n * d),
+            detail: format!("has {} values, need n·d = {n}·{d}", x.len()),
+        });
+    }
+    if n > u32::MAX as usize {
+        return Err(Error::UnsupportedSize {
+            arg: "x",
+            value: n,
+            detail: format!("k-means takes at most {} vectors", u32::MAX),
         });
     }
     if k == 0 {
@@ -94,7 +105,7 @@ pub fn kmeans(
 ) -> Result<KMeans> {
     check(x, n, d, k, &weights)?;
     let init = init_plus_plus(x, n, d, k, seed, &weights);
-    Ok(lloyd(x, n, d, init, k, iters, &weights))
+    lloyd(x, n, d, init, k, iters, &weights)
 }
 
 /// [`kmeans`] from given initial centroids `init` (`k × d`) instead of k-means++.
@@ -115,7 +126,7 @@ pub fn kmeans_with_init(
         });
     }
     super::check_finite(init, d, "init")?;
-    Ok(lloyd(x, n, d, init.to_vec(), k, iters, &weights))
+    lloyd(x, n, d, init.to_vec(), k, iters, &weights)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,16 +381,20 @@ fn lloyd(
     k: usize,
     iters: usize,
     weights: &Weights<'_>,
-) -> KMeans {
-    let mut idx = vec![0u32; n];
-    let mut dist = vec![0.0f32; n];
-    let mut inertia = Vec::with_capacity(iters + 1);
+) -> Result<KMeans> {
+    let mut idx = try_vec(n, 0u32, "x")?;
+    let mut dist = try_vec(n, 0.0f32, "x")?;
+    // Grown per iteration: `iters` is only an upper bound (convergence stops earlier), so
+    // reserving `iters + 1` values up front would let a large `iters` exhaust memory.
+    let mut inertia = Vec::new();
+    let mut before = c.clone();
     for _ in 0..iters {
         let acc = {
-            let p = Prepared::new(&c, k, d, weights);
+            let p = Prepared::new(&c, k, d, weights)?;
             assign_accumulate(x, weights, &p, &mut idx, &mut dist)
         };
         inertia.push(acc.inertia);
+        before.copy_from_slice(&c);
         let mut empty = Vec::new();
         for ci in 0..k {
             if acc.counts[ci] == 0 {
@@ -416,15 +431,24 @@ fn lloyd(
         if !empty.is_empty() {
             reseed(x, n, d, &mut c, &idx, &empty, weights);
         }
+        // A fixed point: the next iteration would start from the same centroids and repeat this
+        // one exactly (every step is deterministic), and so would all the others.
+        if before
+            .iter()
+            .zip(&c)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+        {
+            break;
+        }
     }
-    let p = Prepared::new(&c, k, d, weights);
+    let p = Prepared::new(&c, k, d, weights)?;
     assign_prepared(x, weights, &p, &mut idx, &mut dist);
     inertia.push(dist.iter().map(|&v| v as f64).sum());
-    KMeans {
+    Ok(KMeans {
         centroids: c,
         assignments: idx,
         inertia,
-    }
+    })
 }
 
 /// Move the `empty` centroids onto the vectors farthest from their (updated) centroid.
@@ -514,19 +538,70 @@ mod tests {
         let (n, d, k) = (3000, 8, 40);
         let x = blobs(n, d, 25, 1);
         let r = kmeans(&x, n, d, k, 12, 7, Weights::None).unwrap();
-        assert_eq!(r.inertia.len(), 13);
+        assert!((2..=13).contains(&r.inertia.len()), "{:?}", r.inertia);
         assert!(non_increasing(&r.inertia), "{:?}", r.inertia);
         // the last value is the objective of the returned centroids and assignments
         let (idx, dist) = assign(&x, n, d, &r.centroids, k, Weights::None).unwrap();
         assert_eq!(idx, r.assignments);
         let tot: f64 = dist.iter().map(|&v| v as f64).sum();
-        assert!((tot - r.inertia[12]).abs() <= 1e-6 * tot);
+        assert!((tot - r.inertia.last().unwrap()).abs() <= 1e-6 * tot);
         // same seed, same result; another seed, another initialisation
         assert_eq!(r, kmeans(&x, n, d, k, 12, 7, Weights::None).unwrap());
         assert_ne!(
             r.centroids,
             kmeans(&x, n, d, k, 12, 8, Weights::None).unwrap().centroids
         );
+    }
+
+    #[test]
+    fn iterations_stop_at_a_fixed_point_with_the_full_run_result() {
+        let (n, d, k) = (2000, 4, 8);
+        let x = blobs(n, d, 8, 9);
+        let long = kmeans(&x, n, d, k, 200, 3, Weights::None).unwrap();
+        // Separated blobs converge long before 200 iterations: the run stopped there.
+        let t = long.inertia.len() - 1;
+        assert!(t < 200, "did not converge: {t} iterations");
+        // Exactly t iterations give the same result; so does any larger count, even one whose
+        // inertia could never have been allocated up front (`iters + 1` f64 values).
+        assert_eq!(kmeans(&x, n, d, k, t, 3, Weights::None).unwrap(), long);
+        assert_eq!(
+            kmeans(&x, n, d, k, usize::MAX, 3, Weights::None).unwrap(),
+            long
+        );
+        // Fewer iterations stop before the fixed point: a prefix of the same objective values.
+        let short = kmeans(&x, n, d, k, t - 1, 3, Weights::None).unwrap();
+        assert_eq!(short.inertia.len(), t);
+        assert_eq!(short.inertia[..t - 1], long.inertia[..t - 1]);
+    }
+
+    #[test]
+    fn data_far_from_the_origin_clusters_like_f64() {
+        // Blobs around 1e4: the f32 expansion used to mis-assign most vectors at every step, so the
+        // objective rose instead of falling and the final assignments were not the nearest.
+        let (n, d, k) = (3000, 8, 16);
+        let x: Vec<f32> = blobs(n, d, 16, 11).iter().map(|v| v + 1e4).collect();
+        let r = kmeans(&x, n, d, k, 20, 2, Weights::None).unwrap();
+        // exact up to float rounding relative to the objective itself (not the data's energy)
+        assert!(
+            r.inertia.windows(2).all(|w| w[1] <= w[0] * (1.0 + 1e-6)),
+            "{:?}",
+            r.inertia
+        );
+        let mut total = 0.0f64;
+        for i in 0..n {
+            let xi = &x[i * d..(i + 1) * d];
+            let d64 = |c: usize| -> f64 {
+                (0..d)
+                    .map(|j| (xi[j] as f64 - r.centroids[c * d + j] as f64).powi(2))
+                    .sum()
+            };
+            let best = (0..k).map(d64).fold(f64::INFINITY, f64::min);
+            let got = d64(r.assignments[i] as usize);
+            assert!(got == best, "vector {i}: {got} vs nearest {best}");
+            total += got;
+        }
+        let last = *r.inertia.last().unwrap();
+        assert!((last - total).abs() <= 1e-6 * total, "{last} vs {total}");
     }
 
     #[test]
@@ -692,7 +767,7 @@ mod tests {
                 _ => Weights::None,
             };
             let r = kmeans(&x, n, d, k, 6, seed, w).unwrap();
-            prop_assert_eq!(r.inertia.len(), 7);
+            prop_assert!((2..=7).contains(&r.inertia.len()), "{:?}", r.inertia);
             let energy: f64 = (0..n * d)
                 .map(|e| (x[e] as f64).powi(2)
                     * match w {

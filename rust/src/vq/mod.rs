@@ -41,7 +41,7 @@ impl<'a> Weights<'a> {
             Weights::None => return Ok(()),
             Weights::PerPoint(w) => (w, n, "one per vector"),
             Weights::PerDim(w) => (w, d, "one per dimension"),
-            Weights::PerElement(w) => (w, n * d, "one per element"),
+            Weights::PerElement(w) => (w, n.saturating_mul(d), "one per element"),
         };
         if w.len() != want {
             return Err(Error::Shape {
