@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from . import _core, errors
 from .errors import (
+    AllocationError,
     CheckpointError,
     DTypeError,
     KernelError,

@@ -8,14 +8,14 @@ and pickle under their real module path.
 from __future__ import annotations
 
 # ``lowbit.__all__`` spreads this list, so every name in it must also be imported by
-# ``lowbit/__init__.py`` (else ``from lowbit import *`` fails); AllocationError is reached as
-# ``lowbit.errors.AllocationError`` (or caught as ``MemoryError`` / ``LowbitError``).
+# ``lowbit/__init__.py`` (else ``from lowbit import *`` fails).
 __all__ = [
     "LowbitError",
     "UnsupportedSizeError",
     "ShapeError",
     "DTypeError",
     "ValueRangeError",
+    "AllocationError",
     "CheckpointError",
     "UnsupportedModelError",
     "MissingPackageError",
