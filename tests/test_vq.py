@@ -25,6 +25,17 @@ def full_weights(w, n, d):
     return np.broadcast_to(w, (n, d)).copy()
 
 
+def random_weights(rng, wkind, n, d, lo, hi, dtype):
+    """Weights of ``wkind`` (None, "point" (n,), "dim" (1, d), "element" (n, d)), uniform in [lo, hi);
+    all three are drawn whatever the kind, so the rest of the stream does not depend on it."""
+    w = {
+        "point": rng.uniform(lo, hi, size=n).astype(dtype),
+        "dim": rng.uniform(lo, hi, size=(1, d)).astype(dtype),
+        "element": rng.uniform(lo, hi, size=(n, d)).astype(dtype),
+    }
+    return None if wkind is None else w[wkind]
+
+
 def np_lloyd(x, init, iters, w=None):
     """Plain numpy Lloyd iterations from `init` (weighted means per coordinate); the objective at
     each assignment step, then a last assignment. Stops, like the core, after an iteration that
@@ -77,12 +88,7 @@ def test_kmeans_matches_numpy_lloyd_from_the_same_init(wkind):
     n, d, k = 600, 4, 6
     x = blobs(n, d, k, seed=1, spread=1.5)
     rng = np.random.default_rng(2)
-    w = {
-        None: None,
-        "point": rng.uniform(0.1, 2.0, size=n).astype(np.float32),
-        "dim": rng.uniform(0.1, 2.0, size=(1, d)).astype(np.float32),
-        "element": rng.uniform(0.1, 2.0, size=(n, d)).astype(np.float32),
-    }[wkind]
+    w = random_weights(rng, wkind, n, d, 0.1, 2.0, np.float32)
     init = x[:k].copy()
     r = vq.kmeans(x, k, iters=6, weights=w, init=init)
     c, a, inertia = np_lloyd(x, init, 6, w)
@@ -183,12 +189,7 @@ def test_kmeans_inertia_non_increasing(n, d, kfrac, wkind, seed):
     k = 1 + int((n - 1) * kfrac)
     rng = np.random.default_rng(seed % 2**32)
     x = rng.standard_normal((n, d)).astype(np.float32)
-    w = {
-        None: None,
-        "point": rng.uniform(0, 1, size=n),
-        "dim": rng.uniform(0, 1, size=(1, d)),
-        "element": rng.uniform(0, 1, size=(n, d)),
-    }[wkind]
+    w = random_weights(rng, wkind, n, d, 0, 1, np.float64)
     r = vq.kmeans(x, k, iters=5, seed=seed, weights=w)
     assert r.codebook.shape == (k, d) and r.assignments.shape == (n,)
     assert 2 <= r.inertia.shape[0] <= 6  # stops early at a fixed point
@@ -206,12 +207,7 @@ def test_assign_matches_numpy_brute_force(n, d, k, wkind):
     rng = np.random.default_rng(n + d + k)
     x = rng.standard_normal((n, d)).astype(np.float32)
     cb = rng.standard_normal((k, d)).astype(np.float32)
-    w = {
-        None: None,
-        "point": rng.uniform(0, 2, size=n).astype(np.float32),
-        "dim": rng.uniform(0, 2, size=(1, d)).astype(np.float32),
-        "element": rng.uniform(0, 2, size=(n, d)).astype(np.float32),
-    }[wkind]
+    w = random_weights(rng, wkind, n, d, 0, 2, np.float32)
     idx, dist = vq.assign(x, cb, w, return_distances=True)
     W = full_weights(w, n, d)
     D = (((x.astype(np.float64)[:, None] - cb.astype(np.float64)[None]) ** 2) * W[:, None]).sum(-1)
@@ -235,12 +231,7 @@ def test_assign_is_exact_on_data_far_from_the_origin(offset, spread, wkind):
     rng = np.random.default_rng(int(abs(offset)) + len(str(wkind)))
     x = (offset + spread * rng.standard_normal((n, d))).astype(np.float32)
     cb = (offset + spread * rng.standard_normal((k, d))).astype(np.float32)
-    w = {
-        None: None,
-        "point": rng.uniform(0, 2, size=n).astype(np.float32),
-        "dim": rng.uniform(0, 2, size=(1, d)).astype(np.float32),
-        "element": rng.uniform(0, 2, size=(n, d)).astype(np.float32),
-    }[wkind]
+    w = random_weights(rng, wkind, n, d, 0, 2, np.float32)
     idx, dist = vq.assign(torch.from_numpy(x), torch.from_numpy(cb), w, return_distances=True)
     idx = idx.numpy()
     W = full_weights(w, n, d)

@@ -1,6 +1,6 @@
 """Publishing an output folder atomically, race-free, without ever losing what a user owns.
 
-A folder is written by :func:`staging` into a hidden sibling ``.<name>.lowbit-tmp-XXXXXXXX`` (same
+A folder is written by :func:`staging` into a hidden sibling ``.<name>.lowbit-tmp-<random>`` (same
 filesystem), then :func:`publish` renames it into place in one step:
 
 - **without overwrite** the rename refuses an existing target (``renameat2(RENAME_NOREPLACE)`` on

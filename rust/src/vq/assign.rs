@@ -624,25 +624,32 @@ mod tests {
         best
     }
 
+    /// Non-negative random weights for `kind` 1 (per point), 2 (per dimension), 3 (per element).
+    fn random_weights(rng: &mut SplitMix64, kind: u8, n: usize, d: usize) -> Vec<f32> {
+        let len = match kind {
+            1 => n,
+            2 => d,
+            3 => n * d,
+            _ => 0,
+        };
+        rand_vec(rng, len, 1.0).iter().map(|v| v.abs()).collect()
+    }
+
+    fn weights_of(kind: u8, wv: &[f32]) -> Weights<'_> {
+        match kind {
+            1 => Weights::PerPoint(wv),
+            2 => Weights::PerDim(wv),
+            3 => Weights::PerElement(wv),
+            _ => Weights::None,
+        }
+    }
+
     fn check(n: usize, d: usize, k: usize, kind: u8, seed: u64) {
         let mut rng = SplitMix64::new(seed);
         let x = rand_vec(&mut rng, n * d, 3.0);
         let cb = rand_vec(&mut rng, k * d, 3.0);
-        let wv: Vec<f32> = match kind {
-            1 => rand_vec(&mut rng, n, 1.0).iter().map(|v| v.abs()).collect(),
-            2 => rand_vec(&mut rng, d, 1.0).iter().map(|v| v.abs()).collect(),
-            3 => rand_vec(&mut rng, n * d, 1.0)
-                .iter()
-                .map(|v| v.abs())
-                .collect(),
-            _ => vec![],
-        };
-        let w = match kind {
-            1 => Weights::PerPoint(&wv),
-            2 => Weights::PerDim(&wv),
-            3 => Weights::PerElement(&wv),
-            _ => Weights::None,
-        };
+        let wv = random_weights(&mut rng, kind, n, d);
+        let w = weights_of(kind, &wv);
         let (idx, dist) = assign(&x, n, d, &cb, k, w).unwrap();
         for i in 0..n {
             let xi = &x[i * d..(i + 1) * d];
@@ -687,21 +694,8 @@ mod tests {
         let shifted = |v: Vec<f32>| v.into_iter().map(|e| offset + e).collect::<Vec<f32>>();
         let x = shifted(rand_vec(&mut rng, n * d, spread));
         let cb = shifted(rand_vec(&mut rng, k * d, spread));
-        let wv: Vec<f32> = match kind {
-            1 => rand_vec(&mut rng, n, 1.0).iter().map(|v| v.abs()).collect(),
-            2 => rand_vec(&mut rng, d, 1.0).iter().map(|v| v.abs()).collect(),
-            3 => rand_vec(&mut rng, n * d, 1.0)
-                .iter()
-                .map(|v| v.abs())
-                .collect(),
-            _ => vec![],
-        };
-        let w = match kind {
-            1 => Weights::PerPoint(&wv),
-            2 => Weights::PerDim(&wv),
-            3 => Weights::PerElement(&wv),
-            _ => Weights::None,
-        };
+        let wv = random_weights(&mut rng, kind, n, d);
+        let w = weights_of(kind, &wv);
         let (idx, _) = assign(&x, n, d, &cb, k, w).unwrap();
         let mut wrong = 0;
         for i in 0..n {
