@@ -153,7 +153,7 @@ def test_concurrent_saves_to_one_new_folder_exactly_one_wins(tmp_path, monkeypat
         t.join()
     winners = [i for i, r in enumerate(results) if r == "ok"]
     assert len(winners) == 1, results
-    assert all("already exists" in str(r) for r in results if r != "ok")
+    assert all("already exists" in str(r) for r in results if r != "ok"), results
     assert torch.equal(logits(lio.load(out)), logits(models[winners[0]]))
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 

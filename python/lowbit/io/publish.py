@@ -175,6 +175,33 @@ def clean_stale(out_dir: Path) -> list[Path]:
     return removed
 
 
+def _new_locked_folder(out_dir: Path) -> tuple[Path, int]:
+    """``(folder, descriptor)``: a new staging folder of ``out_dir`` and an open descriptor holding
+    its ``flock``.
+
+    Between ``mkdtemp`` and ``flock`` a concurrent :func:`clean_stale` can take the new, still
+    unlocked folder for a dead writer's and remove it; the folder is then not the one locked (or
+    gone), and a new one is made.
+    """
+    for _ in range(16):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_TAG}", dir=out_dir.parent))
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            continue
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.lstat(tmp)
+        except FileNotFoundError:
+            same = None
+        held = os.fstat(fd)
+        if same is not None and (same.st_dev, same.st_ino) == (held.st_dev, held.st_ino):
+            return tmp, fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "staging folders keep disappearing under a concurrent cleaner", str(out_dir.parent))
+
+
 @contextlib.contextmanager
 def staging(out_dir: Path) -> Iterator[Path]:
     """A fresh, locked staging folder beside ``out_dir``; removed if the block raises.
@@ -182,17 +209,16 @@ def staging(out_dir: Path) -> Iterator[Path]:
     Stale staging folders of ``out_dir`` are cleaned first (:func:`clean_stale`). The lock is held
     until the block ends, so a concurrent cleaner never takes a folder that is being written.
     """
-    parent = out_dir.parent
     clean_stale(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_TAG}", dir=parent))
+    tmp, fd = _new_locked_folder(out_dir)
     try:
-        with _flocked(tmp) as _:
-            os.chmod(tmp, 0o777 & ~umask())
-            yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        os.close(fd)
         if tmp.exists() and not tmp.is_symlink():  # published: gone; swapped out: the old folder
             shutil.rmtree(tmp, ignore_errors=True)
 
