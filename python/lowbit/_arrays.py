@@ -23,6 +23,10 @@ except ImportError:  # pragma: no cover - exercised only without torch
     _torch = None
 
 
+SIZE_END = int(np.iinfo(np.uintp).max) + 1
+"""One past the largest length or count the Rust core takes (its ``usize``)."""
+
+
 def is_torch(x: Any) -> bool:
     return _torch is not None and isinstance(x, _torch.Tensor)
 

@@ -110,9 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     t_load = time.perf_counter() - t0
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and args.seqlen > positions:
-        raise _UserError(f"--seqlen: {args.seqlen} exceeds the model's max_position_embeddings ({positions})")
+    leval.check_length(model, args.seqlen, "--seqlen")
     rows = [["", "value"]]
     fp_ppl = q_ppl = None
     eval_ids = data.evaluation(tok, n_tokens=args.eval_tokens) if not args.no_eval else None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .errors import ShapeError, ValueRangeError
 
-__all__ = ["windows", "nll", "perplexity", "check_fits_model"]
+__all__ = ["windows", "nll", "perplexity", "check_fits_model", "check_length"]
 
 
 def windows(tokens: torch.Tensor, seqlen: int = 512) -> torch.Tensor:
@@ -42,6 +42,17 @@ def windows(tokens: torch.Tensor, seqlen: int = 512) -> torch.Tensor:
     return tokens[: n * seqlen].reshape(n, seqlen).long()
 
 
+def check_length(model: Any, length: int, arg: str = "seqlen") -> None:
+    """Refuse sequences of ``length`` tokens beyond the model's ``max_position_embeddings``.
+
+    Raises:
+        ValueRangeError: naming ``arg``.
+    """
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise ValueRangeError(f"{arg}: {length} exceeds the model's max_position_embeddings ({positions})")
+
+
 def check_fits_model(model: Any, ids: torch.Tensor, arg: str = "seqlen") -> None:
     """Refuse ``(batch, L)`` token ids the model cannot take: ``L`` beyond its
     ``max_position_embeddings``, ids outside its vocabulary (a model without a config is not checked).
@@ -49,13 +60,8 @@ def check_fits_model(model: Any, ids: torch.Tensor, arg: str = "seqlen") -> None
     Raises:
         ValueRangeError: naming ``arg`` for the length, ``tokens`` for the ids.
     """
-    config = getattr(model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and ids.shape[-1] > positions:
-        raise ValueRangeError(
-            f"{arg}: windows of {ids.shape[-1]} tokens exceed the model's max_position_embeddings ({positions})"
-        )
-    vocab = getattr(config, "vocab_size", None)
+    check_length(model, ids.shape[-1], arg)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise ValueRangeError(f"tokens: token id {bad} is outside the model's vocabulary (vocab_size={vocab})")

@@ -17,6 +17,7 @@ from ._arrays import (
     float_dtype,
     integer_dtype,
     is_torch,
+    SIZE_END,
     out_rows,
     to_rows,
     torch_to_numpy,
@@ -94,10 +95,6 @@ class HadamardPlan:
         return f"HadamardPlan(n={self.n}: {self.describe()})"
 
 
-#: One past the largest length the core takes (its ``usize``).
-_SIZE_END = int(np.iinfo(np.uintp).max) + 1
-
-
 def _check_n(n: Any, arg: str = "n") -> int:
     """A length as a Python int: :class:`ShapeError` when negative, :class:`UnsupportedSizeError`
     when it does not fit the core's size type (the core refuses smaller absurd sizes itself)."""
@@ -106,8 +103,8 @@ def _check_n(n: Any, arg: str = "n") -> int:
     n = int(n)
     if n < 0:
         raise ShapeError(f"{arg}: must be >= 0, got {n}")
-    if n >= _SIZE_END:
-        raise UnsupportedSizeError(f"{arg}: unsupported size {n}: lengths must be < 2**{_SIZE_END.bit_length() - 1}")
+    if n >= SIZE_END:
+        raise UnsupportedSizeError(f"{arg}: unsupported size {n}: lengths must be < 2**{SIZE_END.bit_length() - 1}")
     return n
 
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import is_torch, out_rows, torch_to_numpy
+from ._arrays import SIZE_END, is_torch, out_rows, torch_to_numpy
 from .errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = [
@@ -143,11 +143,7 @@ def _weights(weights: Any, n: int, d: int) -> Optional[np.ndarray]:
     return w
 
 
-#: One past the largest count the core takes (its ``usize``).
-_SIZE_END = int(np.iinfo(np.uintp).max) + 1
-
-
-def _int(v: Any, arg: str, lo: int, hi: int = _SIZE_END) -> int:
+def _int(v: Any, arg: str, lo: int, hi: int = SIZE_END) -> int:
     """``v`` as a Python int in ``[lo, hi)`` (by default: what the core's ``usize`` holds), else
     :class:`ValueRangeError` naming ``arg``."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):

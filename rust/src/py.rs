@@ -378,6 +378,28 @@ fn out_slice<'a, T: numpy::Element>(
     })
 }
 
+/// `packed` rows must be exactly `rb` bytes wide (`what()` names the codes they should hold).
+///
+/// The row width is compared, not `rows · rb` (which wraps for absurd n), before any output is
+/// allocated: the output size `rows · n` is then bounded by the input's.
+fn check_row_bytes(
+    py: Python<'_>,
+    cols: usize,
+    rb: usize,
+    what: impl FnOnce() -> String,
+) -> PyResult<()> {
+    if cols == rb {
+        return Ok(());
+    }
+    Err(to_pyerr(
+        py,
+        Error::Shape {
+            arg: "packed",
+            detail: format!("rows have {cols} bytes; {} take exactly {rb}", what()),
+        },
+    ))
+}
+
 /// Unpack (rows, ceil(n·bits/8)) bytes into uint8 codes (rows, n), into `out` if given; see
 /// `lowbit.unpack`.
 #[pyfunction]
@@ -392,19 +414,7 @@ fn unpack<'py>(
     let [rows, cols] = [packed.shape()[0], packed.shape()[1]];
     let ps = contiguous(&packed, "packed")?;
     let rb = core_pack::packed_row_bytes(n, bits).map_err(|e| to_pyerr(py, e))?;
-    // Compare the row width, not rows · rb (which wraps for absurd n): the output size rows · n
-    // is then bounded by the input's.
-    if cols != rb {
-        return Err(to_pyerr(
-            py,
-            Error::Shape {
-                arg: "packed",
-                detail: format!(
-                    "rows have {cols} bytes; n = {n} {bits}-bit codes take exactly {rb}"
-                ),
-            },
-        ));
-    }
+    check_row_bytes(py, cols, rb, || format!("n = {n} {bits}-bit codes"))?;
     match out {
         Some(o) => {
             {
@@ -468,18 +478,9 @@ fn unpack_ternary<'py>(
     let [rows, cols] = [packed.shape()[0], packed.shape()[1]];
     let ps = contiguous(&packed, "packed")?;
     let rb = core_pack::ternary_row_bytes(n, form);
-    // Checked before allocating rows · n outputs: an n that the rows cannot hold must not size it.
-    if cols != rb {
-        return Err(to_pyerr(
-            py,
-            Error::Shape {
-                arg: "packed",
-                detail: format!(
-                    "rows have {cols} bytes; n = {n} ternary values ({form:?}) take exactly {rb}"
-                ),
-            },
-        ));
-    }
+    check_row_bytes(py, cols, rb, || {
+        format!("n = {n} ternary values ({form:?})")
+    })?;
     match out {
         Some(o) => {
             {

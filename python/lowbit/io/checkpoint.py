@@ -76,7 +76,7 @@ from ..grids.base import GRID_KINDS
 from ..nn.quant_linear import PackingFormat, QuantLinear
 from ..nn.vq_linear import VQLinear
 from .publish import publish, seal, staging
-from .untrusted import check_regular_file, read_json
+from .untrusted import check_folder_files, check_regular_file, read_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -206,9 +206,10 @@ def save(
     return out_dir
 
 
-def _check_json(where: str, obj: Any) -> None:
+def _check_json(where: str, obj: Any) -> str:
+    """``obj`` as JSON text, or a :class:`CheckpointError` naming ``where``."""
     try:
-        json.dumps(obj, allow_nan=False)
+        return json.dumps(obj, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: not JSON-serialisable: {e}") from None
 
@@ -248,8 +249,7 @@ def _config_json(model: nn.Module, quantization_config: dict) -> tuple[dict, str
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
     cfg["quantization_config"] = qc
-    _check_json("quantization_config", cfg)
-    cfg = json.loads(json.dumps(cfg))  # the digest is taken of what load will parse back
+    cfg = json.loads(_check_json("quantization_config", cfg))  # the digest is of what load parses back
     qc = cfg["quantization_config"]
     for name, meta in qc["layers"].items():
         _check_layer_meta(name, meta)
@@ -475,9 +475,7 @@ def load_with_tokenizer(path: PathLike, *, device: Any = "cpu", dtype: torch.dty
     model = load(path, device=device, dtype=dtype)
     from transformers import AutoTokenizer
 
-    for entry in os.scandir(path):
-        if not entry.is_dir():
-            check_regular_file(Path(entry.path), entry.name)
+    check_folder_files(path)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((path / n).exists() for n in names):
         raise CheckpointError(f"tokenizer: no tokenizer files ({', '.join(names)}) in {str(path)!r}")
@@ -718,9 +716,9 @@ def _install_online(model: nn.Module, online: Any) -> None:
 
 
 def _load_tensors(model: nn.Module, file: Path, dtype: torch.dtype, device: Any) -> None:
+    """Assign every tensor of ``file`` (already checked to be a regular safetensors file by
+    :func:`_open`) to ``model``, checked by name, shape, dtype and finiteness."""
     from safetensors import SafetensorError, safe_open
-
-    check_regular_file(file, WEIGHTS_NAME)
 
     # Group state-dict names that are the same tensor (tied embeddings): a file holds one of them.
     expected = model.state_dict(keep_vars=True)

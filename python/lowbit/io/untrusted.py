@@ -22,7 +22,15 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "file_kind", "check_regular_file", "read_bytes", "read_json"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "file_kind",
+    "check_regular_file",
+    "check_folder_files",
+    "read_bytes",
+    "read_json",
+]
 
 MAX_JSON_BYTES = 64 << 20
 """Largest JSON file read (64 MiB: a 70B model's config with every layer's entry is well under 1 MiB)."""
@@ -45,6 +53,10 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+def _not_regular(path: Path, what: str, mode: int) -> CheckpointError:
+    return CheckpointError(f"{what}: {str(path)!r} is a {file_kind(mode)}, not a regular file; lowbit reads only regular files")
+
+
 def check_regular_file(path: Path, what: str) -> os.stat_result:
     """``os.stat(path)`` (symlinks followed) if it is a regular file, else a :class:`CheckpointError`.
 
@@ -59,8 +71,17 @@ def check_regular_file(path: Path, what: str) -> os.stat_result:
     except OSError as e:
         raise CheckpointError(f"{what}: cannot read {str(path)!r}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{what}: {str(path)!r} is a {file_kind(st.st_mode)}, not a regular file; lowbit reads only regular files")
+        raise _not_regular(path, what, st.st_mode)
     return st
+
+
+def check_folder_files(folder: Path) -> None:
+    """Every entry of ``folder`` that is not a folder must be a regular file (:func:`check_regular_file`):
+    for folders that a library (the tokenizer loader, ``from_pretrained``) reads by names lowbit does
+    not control, where one FIFO would block it."""
+    for entry in os.scandir(folder):
+        if not entry.is_dir():
+            check_regular_file(Path(entry.path), entry.name)
 
 
 def read_bytes(path: Path, what: str, max_bytes: int) -> bytes:
@@ -75,7 +96,7 @@ def read_bytes(path: Path, what: str, max_bytes: int) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{what}: {str(path)!r} is a {file_kind(st.st_mode)}, not a regular file; lowbit reads only regular files")
+            raise _not_regular(path, what, st.st_mode)
         if st.st_size > max_bytes:
             raise CheckpointError(f"{what}: {str(path)!r} has {st.st_size} bytes, more than the {max_bytes} lowbit reads")
         chunks, total = [], 0

@@ -187,11 +187,9 @@ def load_model(
 def _check_full_precision_folder(path: Path) -> None:
     """Refuse what ``from_pretrained`` would silently turn into random weights or block on: a lowbit
     checkpoint (its linears have no ``weight``), FIFOs or devices among the files."""
-    from ..io.untrusted import check_regular_file, read_json
+    from ..io.untrusted import check_folder_files, read_json
 
-    for entry in os.scandir(path):
-        if not entry.is_dir():
-            check_regular_file(Path(entry.path), entry.name)
+    check_folder_files(path)
     cfg = read_json(path / "config.json", "config.json")
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if isinstance(qc, dict) and qc.get("quant_method") == "lowbit":
