@@ -7,8 +7,10 @@
 A preset may carry overrides of its weight step as ``+field=value`` (``none``, ``true``/``false``,
 numbers), e.g. ``w4-gptq+group_size=none`` for per-channel GPTQ at about 4 bits.
 
-Evaluation split (tragedies, Hamlet first), FP measured in the same run; calibration passes in
-bfloat16 where the CPU has it natively (as the CLI does). Writes
+Both evaluation splits, side by side: in-domain (Shakespeare's tragedies, Hamlet first) and
+out-of-domain (news), FP measured in the same run. Calibration: the built-in multi-domain mix
+(``--calib-parts`` picks parts, ``--calib-data PATH`` takes your own text), passes in bfloat16 where
+the CPU has it natively (as the CLI does). Writes
 ``benches/results/<date>-presets[-TAG].{json,md}``. The KV column is the bytes the packed cache
 (:class:`lowbit.nn.kv_cache.QuantizedKVCache`) really holds per token after a 512-token prefill,
 beside the fp16 cache's.
@@ -51,6 +53,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="w8-rtn,w4-rtn,w3-rtn,w2-rtn,w4-gptq,w4-ldlq,w3-gptq,w2-gptq")
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-parts", default=None, help="comma-separated calibration parts (default: the whole mix)")
+    ap.add_argument("--calib-data", default=None, help="a text file, folder or JSONL to calibrate on instead")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
@@ -70,10 +74,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     lowbit.set_num_threads(args.threads)
     model, tok = load_model("bundled")
-    ids = data.evaluation(tok, n_tokens=args.eval_tokens)
-    calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0)
-    fp = perplexity(model, ids, seqlen=args.seqlen)
-    rows = [{"preset": "fp32", "ppl": fp, "ratio": 1.0, "bits": 32.0, "act": "-", "kv": "-", "seconds": 0.0}]
+    splits = data.EVAL_SPLITS
+    ids = {sp: data.evaluation(tok, n_tokens=args.eval_tokens, split=sp) for sp in splits}
+    parts = args.calib_parts.split(",") if args.calib_parts else None
+    calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0, parts=parts, source=args.calib_data)
+    fp = {sp: perplexity(model, ids[sp], seqlen=args.seqlen) for sp in splits}
+    rows = [{"preset": "fp32", "ppl": fp, "ratio": {sp: 1.0 for sp in splits}, "bits": 32.0, "act": "-", "kv": "-", "seconds": 0.0}]
     for name in args.presets.split(","):
         q = copy.deepcopy(model)
         t = time.perf_counter()
@@ -88,7 +94,7 @@ def main() -> int:
         for m in q.modules():  # evaluate on the dense weights, as `lowbit eval` does (speed, not numerics)
             if isinstance(m, QUANT_LINEARS):
                 m.cache_dequantized = True
-        ppl = perplexity(q, ids, seqlen=args.seqlen)
+        ppl = {sp: perplexity(q, ids[sp], seqlen=args.seqlen) for sp in splits}
         bits = n = 0
         for m in q.modules():
             if isinstance(m, QUANT_LINEARS):
@@ -103,18 +109,24 @@ def main() -> int:
 
             cache = QuantizedKVCache(q)
             with torch.no_grad():
-                q(ids[:, : args.seqlen], cache=cache, use_cache=True)
+                q(ids["in-domain"][:, : args.seqlen], cache=cache, use_cache=True)
             kv = f"{cache.kv_bytes_per_token():.0f} B vs {cache.fp16_bytes_per_token():.0f} B fp16"
         wbits = bits / n if n else 32.0
-        rows.append({"preset": name, "ppl": ppl, "ratio": ppl / fp, "bits": wbits, "act": act, "kv": kv, "seconds": secs})
-        print(f"{name:18s} ppl {ppl:10.2f}  ×FP {ppl / fp:8.3f}  bits/w {wbits:.3f}  {act}  KV {kv}  {secs:6.1f} s", flush=True)
+        ratio = {sp: ppl[sp] / fp[sp] for sp in splits}
+        rows.append({"preset": name, "ppl": ppl, "ratio": ratio, "bits": wbits, "act": act, "kv": kv, "seconds": secs})
+        print(f"{name:18s} in-domain ppl {ppl['in-domain']:9.2f} ×FP {ratio['in-domain']:7.3f}  "
+              f"out-of-domain ppl {ppl['out-of-domain']:9.2f} ×FP {ratio['out-of-domain']:7.3f}  "
+              f"bits/w {wbits:.3f}  {act}  KV {kv}  {secs:6.1f} s", flush=True)
         del q
 
-    head = (f"SmolLM2-135M-Instruct, {args.eval_tokens} eval tokens (tragedies), seqlen {args.seqlen}, "
-            f"{args.calib_samples}×{args.seqlen} calibration tokens, {args.threads} threads")
-    md = [head, "", "| preset | perplexity | × FP | bits/weight (linears, incl. scales) | activations | KV cache per token | quantization time |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['preset']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |" for r in rows]
+    source = args.calib_data or ("parts " + args.calib_parts if args.calib_parts else "the built-in mix")
+    head = (f"SmolLM2-135M-Instruct, first {args.eval_tokens} tokens of each evaluation split (in-domain: tragedies; "
+            f"out-of-domain: news), seqlen {args.seqlen}, {args.calib_samples}×{args.seqlen} calibration tokens from "
+            f"{source}, {args.threads} threads")
+    md = [head, "", "| preset | ppl in-domain | × FP | ppl out-of-domain | × FP | bits/weight (linears, incl. scales) "
+          "| activations | KV cache per token | quantization time |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['preset']} | {r['ppl']['in-domain']:.2f} | {r['ratio']['in-domain']:.3f} | {r['ppl']['out-of-domain']:.2f} "
+           f"| {r['ratio']['out-of-domain']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |" for r in rows]
     text = "\n".join(md)
     print(text)
     if not args.no_write:

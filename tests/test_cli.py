@@ -186,3 +186,31 @@ def test_inspect_validates_like_load(capsys, tmp_path):
     edit_config(ck, lambda cfg: cfg.update(num_attention_heads=0), sign=False)
     rc, _, err = _run(capsys, "inspect", str(ck))
     assert rc == 2 and "num_attention_heads" in _one_line_error(err)
+
+
+def test_calib_data_problems_are_refused_before_loading_the_model(capsys, tmp_path, no_model_loading):
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "o"),
+                      "--calib-data", str(tmp_path / "nope.jsonl"))
+    assert rc == 2
+    assert "calib_data:" in (line := _one_line_error(err)) and "nope.jsonl" in line and "does not exist" in line
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "o"), "--calib-data", str(tmp_path / "bad.jsonl"))
+    assert rc == 2 and "line 1 has no string field 'text'" in _one_line_error(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_calib_data_calibrates_on_the_users_text(capsys, tmp_path, hf_folder):
+    text = tmp_path / "mine.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the sun. " * 60)
+    out = tmp_path / "o"
+    rc, printed, err = _run(capsys, "quantize", "--model", str(hf_folder), "--recipe", "w4-gptq", "--no-eval", "--seqlen", "32",
+                            "--calib-samples", "4", "--calib-data", str(text), "--out", str(out), "--quiet")
+    assert rc == 0, err
+    assert f"4×32 tokens, {str(text)!r}" in printed
+    assert json.loads((out / "lowbit_report.json").read_text())["calib_data"] == str(text)
+    # too little text for one window of --seqlen: one line, nothing written
+    (tmp_path / "short.txt").write_text("the cat")
+    rc, _, err = _run(capsys, "quantize", "--model", str(hf_folder), "--recipe", "w4-gptq", "--no-eval", "--seqlen", "32",
+                      "--calib-data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "o2"))
+    assert rc == 2 and "fewer than one window of seqlen=32" in _one_line_error(err)
+    assert not (tmp_path / "o2").exists()

@@ -1,14 +1,17 @@
-"""Quality on the real model: SmolLM2-135M-Instruct (bundled GGUF), evaluation split (tragedies).
+"""Quality on the real model: SmolLM2-135M-Instruct (bundled GGUF), measured out of domain.
 
-Bounds from the issue, FP measured in the same run: GPTQ W4 g64 ≤ 1.12 × FP, GPTQ W3 g64 ≤ 1.6 × FP,
-GPTQ W2 g32 at least 10× lower perplexity than RTN W2 g32. Fewer calibration samples and evaluation
-tokens than the CLI defaults keep the whole set within a few minutes on 2 cores.
+The `bundle` fixture (conftest) holds the model, 4096 tokens of the out-of-domain split (news, a
+domain the calibration mix does not contain), 32×512 calibration tokens from the built-in mix, and
+the FP perplexity, measured in the same run. Bounds (re-measured on this reduced set; the full-scale
+numbers, 128 calibration sequences and 16,384 tokens of both splits, are in benches/results and the
+README): GPTQ W4 g64 ≤ 1.12 × FP, GPTQ W3 g64 ≤ 1.6 × FP, each clearly below its data-free
+counterpart RTN (the same grid, with the MSE clip search); GPTQ W2 g32 at least 10× lower
+perplexity than RTN W2 g32.
 """
 
 import copy
 
 import pytest
-import torch
 
 import lowbit
 from lowbit.driver import fast_calib_dtype
@@ -16,38 +19,36 @@ from lowbit.eval import perplexity
 
 pytestmark = pytest.mark.slow
 
-SEQLEN = 512  # as conftest.REAL_SEQLEN; the `bundle` fixture (conftest) holds model, tokenizer, ids, calib, FP ppl
-
-
-def _ppl(bundle, recipe):
-    model, _, ids, calib, _ = bundle
-    q = lowbit.quantize(copy.deepcopy(model), recipe, calib, progress=False, calib_dtype=fast_calib_dtype())
-    return perplexity(q, ids, seqlen=SEQLEN), q
+SEQLEN = 512  # as conftest.REAL_SEQLEN
 
 
 def test_fp_perplexity_is_plausible(bundle):
     assert 10 < bundle[4] < 80
 
 
-def test_gptq_w4(bundle, tmp_path):
-    ppl, q = _ppl(bundle, "w4-gptq")
-    print(f"FP {bundle[4]:.2f}  W4 GPTQ g64 {ppl:.2f}")
-    assert ppl <= 1.12 * bundle[4]
+def test_gptq_w4_within_12_percent_and_well_below_rtn(bundle, quantized_ppl, tmp_path):
+    model, tok, ids, calib, fp = bundle
+    q = lowbit.quantize(copy.deepcopy(model), "w4-gptq", calib, progress=False, calib_dtype=fast_calib_dtype())
+    ppl, rtn = perplexity(q, ids, seqlen=SEQLEN), quantized_ppl("w4-rtn")
+    print(f"out of domain: FP {fp:.2f}  W4 g64: GPTQ {ppl:.2f} ({ppl / fp:.3f}×)  RTN {rtn:.2f} ({rtn / fp:.3f}×)")
+    assert ppl <= 1.12 * fp
+    assert ppl - fp <= 0.6 * (rtn - fp)  # GPTQ removes at least 40 % of RTN's excess perplexity
     # The packed checkpoint reloads to the same perplexity.
-    lowbit.save(q, tmp_path / "w4", quantization_config={"recipe": q.lowbit_recipe.to_list()}, tokenizer=bundle[1])
-    assert perplexity(lowbit.load(tmp_path / "w4"), bundle[2], seqlen=SEQLEN) == pytest.approx(ppl, rel=1e-4)
+    lowbit.save(q, tmp_path / "w4", quantization_config={"recipe": q.lowbit_recipe.to_list()}, tokenizer=tok)
+    assert perplexity(lowbit.load(tmp_path / "w4"), ids, seqlen=SEQLEN) == pytest.approx(ppl, rel=1e-4)
 
 
-def test_gptq_w3(bundle):
-    ppl, _ = _ppl(bundle, "w3-gptq")
-    print(f"FP {bundle[4]:.2f}  W3 GPTQ g64 {ppl:.2f}")
-    assert ppl <= 1.6 * bundle[4]
+def test_gptq_w3_within_60_percent_and_well_below_rtn(bundle, quantized_ppl):
+    fp = bundle[4]
+    ppl, rtn = quantized_ppl("w3-gptq"), quantized_ppl("w3-rtn")
+    print(f"out of domain: FP {fp:.2f}  W3 g64: GPTQ {ppl:.2f} ({ppl / fp:.3f}×)  RTN {rtn:.2f} ({rtn / fp:.3f}×)")
+    assert ppl <= 1.6 * fp
+    assert ppl - fp <= 0.5 * (rtn - fp)
 
 
-def test_gptq_w2_far_below_rtn_w2(bundle):
-    gptq, _ = _ppl(bundle, "w2-gptq")
-    rtn, _ = _ppl(bundle, "w2-rtn")
-    print(f"FP {bundle[4]:.2f}  W2 g32: GPTQ {gptq:.1f}  RTN {rtn:.1f}")
+def test_gptq_w2_far_below_rtn_w2(bundle, quantized_ppl):
+    gptq, rtn = quantized_ppl("w2-gptq"), quantized_ppl("w2-rtn")
+    print(f"out of domain: FP {bundle[4]:.2f}  W2 g32: GPTQ {gptq:.1f}  RTN {rtn:.1f}")
     assert gptq * 10 <= rtn
 
 
@@ -59,10 +60,23 @@ def test_cli_end_to_end(tmp_path, capsys):
     args = ["quantize", "--model", "bundled", "--recipe", "w4-rtn", "--out", str(out), "--eval-tokens", "1024", "--quiet"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for key in ["FP perplexity", "quantized perplexity", "bits/weight", "size on disk", "peak RSS"]:
+    for key in ["FP perplexity (in-domain)", "quantized perplexity (out-of-domain)", "bits/weight", "size on disk", "peak RSS"]:
         assert key in printed
     assert main(args) == 2  # the folder exists now: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main(["eval", "ppl", str(out), "--eval-tokens", "1024", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity (in-domain)" in printed and "perplexity (out-of-domain)" in printed
     assert main(["inspect", str(out)]) == 0
-    assert "model.layers.29.mlp.down_proj" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "model.layers.29.mlp.down_proj" in printed and "FP perplexity (out-of-domain)" in printed
+
+
+def test_the_documented_token_counts_hold(bundle):
+    """The token counts lowbit.data's docstring and the README give, for the bundled tokenizer."""
+    from lowbit import data
+
+    assert data.token_counts(bundle[1]) == {
+        "shakespeare": 737_380, "scripture": 228_037, "encyclopedia": 219_330, "chat": 54_898, "code": 248_879,
+        "in-domain": 256_164, "out-of-domain": 75_680,
+    }

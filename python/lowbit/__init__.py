@@ -18,6 +18,7 @@ from __future__ import annotations
 from . import _core, errors
 from .errors import (
     AllocationError,
+    CalibrationDataError,
     CheckpointError,
     DTypeError,
     KernelError,

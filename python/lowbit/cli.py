@@ -106,19 +106,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             tuple(replace(s, group_size=args.group or None) if s is recipe.weight else s for s in recipe.steps), recipe.name
         )
     _threads(args.threads)
+    # the user's calibration text is read (and refused) before the model is loaded
+    calib_docs = data.user.read_documents(args.calib_data) if args.calib_data is not None and recipe.needs_calibration else None
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     t_load = time.perf_counter() - t0
     leval.check_length(model, args.seqlen, "--seqlen")
     rows = [["", "value"]]
-    fp_ppl = q_ppl = None
-    eval_ids = data.evaluation(tok, n_tokens=args.eval_tokens) if not args.no_eval else None
-    if eval_ids is not None:
-        fp_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
+    splits = _eval_splits(args) if not args.no_eval else ()
+    eval_ids = {sp: data.evaluation(tok, n_tokens=args.eval_tokens, split=sp) for sp in splits}
+    fp_ppl = {sp: leval.perplexity(model, ids, seqlen=args.seqlen, progress=not args.quiet) for sp, ids in eval_ids.items()}
     calib = None
     if recipe.needs_calibration:
-        calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=args.seed)
+        calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=args.seed, source=calib_docs)
     from .driver import fast_calib_dtype
 
     calib_dtype = {"auto": fast_calib_dtype(), "float32": None, "bfloat16": torch.bfloat16}[args.calib_dtype]
@@ -126,9 +127,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quantize(model, recipe, calib, progress=not args.quiet, calib_dtype=calib_dtype)
     t_quant = time.perf_counter() - tq
     report = model.lowbit_report
-    if eval_ids is not None:
+    q_ppl: dict = {}
+    if eval_ids:
         _dense_cache(model, True)
-        q_ppl = leval.perplexity(model, eval_ids, seqlen=args.seqlen, progress=not args.quiet)
+        q_ppl = {sp: leval.perplexity(model, ids, seqlen=args.seqlen, progress=not args.quiet) for sp, ids in eval_ids.items()}
         _dense_cache(model, False)
     qconfig = {"recipe": recipe.to_list(), "recipe_name": recipe.name}
     io.save(model, out, quantization_config=qconfig, tokenizer=tok, overwrite=args.overwrite,
@@ -137,9 +139,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rows += [
         ["model", str(args.model)],
         ["recipe", f"{recipe.name or 'custom'}: {recipe.describe()}"],
-        ["FP perplexity", f"{fp_ppl:.2f}" if fp_ppl else "skipped"],
-        ["quantized perplexity", f"{q_ppl:.2f}" if q_ppl else "skipped"],
-        ["ratio", f"{q_ppl / fp_ppl:.3f}×" if fp_ppl and q_ppl else "-"],
+        ["calibration", _calib_source(args, recipe)],
+        *_ppl_rows(fp_ppl, q_ppl),
         ["bits/weight (linears, incl. scales)", f"{bpw:.3f}" if bpw else "full precision"],
         ["quantized linears, packed", _fmt_bytes(lin_bytes)],
         *[[f"Hadamard {k}", v] for k, v in report.hadamards.items()],
@@ -154,6 +155,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ]
     print(_table(rows))
     return 0
+
+
+def _eval_splits(args: argparse.Namespace) -> tuple:
+    from .data import EVAL_SPLITS
+
+    return EVAL_SPLITS if args.eval_split == "both" else (args.eval_split,)
+
+
+def _calib_source(args: argparse.Namespace, recipe) -> str:
+    if not recipe.needs_calibration:
+        return "none (data-free recipe)"
+    what = repr(str(args.calib_data)) if args.calib_data is not None else "built-in mix (shakespeare, scripture, encyclopedia, chat, code)"
+    return f"{args.calib_samples}×{args.seqlen} tokens, {what}"
+
+
+def _ppl_rows(fp: dict, q: dict) -> list:
+    """Rows ``FP perplexity (split)``, ``quantized perplexity (split)``, ``ratio (split)`` per split."""
+    if not fp:
+        return [["FP perplexity", "skipped"], ["quantized perplexity", "skipped"]]
+    rows = []
+    for sp in fp:
+        rows += [[f"FP perplexity ({sp})", f"{fp[sp]:.2f}"], [f"quantized perplexity ({sp})", f"{q[sp]:.2f}"],
+                 [f"ratio ({sp})", f"{q[sp] / fp[sp]:.3f}×"]]
+    return rows
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:
@@ -197,11 +222,12 @@ def _kv_bytes(model, tok) -> str:
 
 def _stats(report, fp_ppl, q_ppl, args) -> dict:
     return {
-        "fp_perplexity": fp_ppl,
-        "perplexity": q_ppl,
+        "fp_perplexity": fp_ppl or None,
+        "perplexity": q_ppl or None,
         "eval_tokens": None if args.no_eval else args.eval_tokens,
         "seqlen": args.seqlen,
         "calib_samples": args.calib_samples,
+        "calib_data": None if args.calib_data is None else str(args.calib_data),
         "seed": args.seed,
         "calib_dtype": args.calib_dtype,
         "stage_seconds": report.stage_seconds,
@@ -217,12 +243,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     model, tok = io.load_with_tokenizer(args.dir)
-    ids = data.evaluation(tok, n_tokens=args.eval_tokens)
     t = time.perf_counter()
     _dense_cache(model, True)
-    ppl = leval.perplexity(model, ids, seqlen=args.seqlen, progress=not args.quiet)
-    print(_table([["", "value"], ["checkpoint", str(args.dir)], ["perplexity", f"{ppl:.2f}"],
-                  ["eval tokens", str(ids.shape[1])], ["time", f"{time.perf_counter() - t:.1f} s"]]))
+    rows = [["", "value"], ["checkpoint", str(args.dir)]]
+    for sp in _eval_splits(args):
+        ids = data.evaluation(tok, n_tokens=args.eval_tokens, split=sp)
+        rows.append([f"perplexity ({sp})", f"{leval.perplexity(model, ids, seqlen=args.seqlen, progress=not args.quiet):.2f}"])
+    rows += [["eval tokens", f"{args.eval_tokens} per split"], ["time", f"{time.perf_counter() - t:.1f} s"]]
+    print(_table(rows))
     return 0
 
 
@@ -281,8 +309,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ]
     for k, v in _obj(report.get("hadamards")).items():
         summary.append([f"Hadamard {k}", str(v)])
-    if report.get("fp_perplexity") is not None:
-        summary += [["FP perplexity", _num(report.get("fp_perplexity"), ".2f")], ["perplexity", _num(report.get("perplexity"), ".2f")]]
+    fp, q = _obj(report.get("fp_perplexity")), _obj(report.get("perplexity"))
+    for sp in fp:
+        summary += [[f"FP perplexity ({sp})", _num(fp.get(sp), ".2f")], [f"perplexity ({sp})", _num(q.get(sp), ".2f")]]
     print()
     print(_table(summary))
     return 0
@@ -350,11 +379,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
     q.add_argument("--method", choices=["rtn", "gptq", "ldlq"], help="override the weight method")
     q.add_argument("--calib-samples", type=_positive_int, default=128)
+    q.add_argument("--calib-data", type=Path, metavar="PATH",
+                   help="calibrate on your own text: a text file, a folder of text files, or JSONL with a 'text' field "
+                        "(default: the built-in multi-domain mix)")
     q.add_argument("--seqlen", type=_positive_int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--calib-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the calibration forward passes (auto: bfloat16 where the CPU has it natively)")
     q.add_argument("--eval-tokens", type=_positive_int, default=16384)
+    q.add_argument("--eval-split", choices=["both", "in-domain", "out-of-domain"], default="both",
+                   help="evaluation text: Shakespeare's tragedies (in-domain), news (out-of-domain), or both")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--threads", type=_positive_int, help="threads for torch and the Rust kernels")
@@ -367,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("dir")
     ep.add_argument("--eval-tokens", type=_positive_int, default=16384)
     ep.add_argument("--seqlen", type=_positive_int, default=512)
+    ep.add_argument("--eval-split", choices=["both", "in-domain", "out-of-domain"], default="both")
     ep.add_argument("--threads", type=_positive_int, help="threads for torch and the Rust kernels")
     ep.add_argument("--quiet", action="store_true")
     ep.set_defaults(func=cmd_eval)

