@@ -50,7 +50,9 @@ class WeightQuant:
         mse: search a clipping range per group (shrink the range, keep the lowest error).
         act_order: GPTQ/LDLQ column order by descending Hessian diagonal (stored as a permutation).
         static_groups: with act_order, fix the group parameters before the permuted pass.
-        damp: Hessian damping, a fraction of the mean diagonal.
+        damp: Hessian damping, a fraction of the mean diagonal. 0.1, not GPTQ's 0.01: on the
+            bundled model it generalizes better out of domain (W4 g64, 64×512 mixed calibration,
+            8192 news tokens: 1.196× FP against 1.215×; in domain 1.128× against 1.142×).
         block_size: GPTQ lazy-batch width.
     """
 
@@ -62,7 +64,7 @@ class WeightQuant:
     mse: bool = True
     act_order: bool = True
     static_groups: bool = False
-    damp: float = 0.01
+    damp: float = 0.1
     block_size: int = 128
     version: int = 1
     step: str = field(default="weight", init=False)
