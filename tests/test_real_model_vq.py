@@ -7,7 +7,8 @@ block and end-to-end fine-tuning, 128 calibration sequences, 16,384 tokens: 45.8
 domain, 0.45×). Here, to keep the slow set within its budget, QuIP# runs without the fine-tuning
 stages (they are pinned by tests/test_quip.py on tiny models), on the `bundle` fixture's 32
 calibration sequences and 4096 out-of-domain tokens, against the GPTQ W2 that test_real_model.py
-also uses (computed once).
+also uses (computed once). Measured: QuIP# 155.4 (2.026 bits/weight), GPTQ W2 g32 442.7, RTN W2 g32
+8662 (FP 32.70); the test asks for at most half of GPTQ's perplexity.
 """
 
 import copy
@@ -46,7 +47,7 @@ def test_w2_quip_halves_gptq_w2_perplexity_at_2_bits(bundle, quantized_ppl, tmp_
         print(f"\nout of domain: FP {fp:.2f}  RTN W2 g32 {ppl_rtn:.1f}  GPTQ W2 g32 {ppl_gptq:.2f}  "
               f"QuIP# W2 without fine-tuning {ppl_quip:.2f} ({bits_quip:.3f} b/w)")
     assert bits_quip <= 2.1
-    assert ppl_quip <= 0.6 * ppl_gptq
+    assert ppl_quip <= 0.5 * ppl_gptq
     assert isinstance(quip.model.layers[0].mlp.down_proj, VQLinear) and isinstance(quip.model.layers[29].self_attn.q_proj, VQLinear)
 
     # the checkpoint reloads to the same perplexity, and inspect reports the bits with overhead
