@@ -166,7 +166,9 @@ def _eval_splits(args: argparse.Namespace) -> tuple:
 def _calib_source(args: argparse.Namespace, recipe) -> str:
     if not recipe.needs_calibration:
         return "none (data-free recipe)"
-    what = repr(str(args.calib_data)) if args.calib_data is not None else "built-in mix (shakespeare, scripture, encyclopedia, chat, code)"
+    from .data import CALIBRATION_MIX
+
+    what = repr(str(args.calib_data)) if args.calib_data is not None else f"built-in mix ({', '.join(CALIBRATION_MIX)})"
     return f"{args.calib_samples}×{args.seqlen} tokens, {what}"
 
 
