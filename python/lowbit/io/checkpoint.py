@@ -701,7 +701,7 @@ def _install_online(model: nn.Module, online: Any) -> None:
             mod = _module(model, name, where)
             try:
                 if section == "inputs":
-                    if not isinstance(mod, (nn.Linear, QuantLinear)):
+                    if not isinstance(mod, (nn.Linear, QuantLinear, VQLinear)):
                         raise CheckpointError(f"{where}: {name!r} is a {type(mod).__name__}, not a linear")
                     attach_input_transform(mod, InputTransform.from_config(cfg))
                 else:

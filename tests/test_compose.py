@@ -1,0 +1,70 @@
+"""Every composition of recipe steps saves and loads: rotation × weight method × activations × KV.
+
+Each cell quantizes a tiny model, saves it, loads it back and checks that the loaded model gives
+the in-memory model's logits and still generates. The weight methods come from the recipe's lists
+(`recipe.METHODS`, `recipe.VQ_METHODS`), so a new method is covered here without a new test.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.models.tiny import TINY_ARCHS, random_ids, tiny_model
+from lowbit.recipe import METHODS, VQ_METHODS, ActQuant, KVQuant, Rotate, VectorQuant, WeightQuant
+
+pytest.importorskip("transformers")
+
+ROTATIONS = {"none": None, "quarot": Rotate("quarot"), "spinquant": Rotate("spinquant", steps=2, seqlen=16)}
+WEIGHTS = {
+    **{m: WeightQuant(m, 4, 32) for m in METHODS},
+    **{
+        "quip": VectorQuant("quip", 2, finetune_steps=0, e2e_steps=0),
+        "rsavq": VectorQuant("rsavq", 2.0, fisher_samples=2, kmeans_iters=2, finetune_steps=0, e2e_steps=0),
+    },
+}
+assert set(WEIGHTS) == set(METHODS) | set(VQ_METHODS), "a weight method without a composition cell"
+ACTS = {"none": None, "a8": ActQuant(8), "a4": ActQuant(4)}
+KVS = {"none": None, "uniform": KVQuant(4, "uniform"), "kvquant": KVQuant(4, "kvquant", calib_samples=2)}
+
+# Every rotation with every weight method (A4, uniform KV: the full W4A4KV4 stack), and every
+# activation × KV option with each rotation on one weight method: 41 cells, a few seconds each.
+_SLOW = {("spinquant", "rsavq", "a4", "uniform"), ("none", "rsavq", "a4", "uniform")}  # RSAVQ's layer
+# type is QuIP#'s (VQLinear), which has every cell; RSAVQ itself keeps two
+CELLS = sorted(
+    (
+        {(r, w, "a4", "uniform") for r, w in itertools.product(ROTATIONS, WEIGHTS)}
+        | {(r, "gptq", a, k) for r, a, k in itertools.product(ROTATIONS, ACTS, KVS)}
+        | {("none", w, "none", "none") for w in WEIGHTS}
+    )
+    - _SLOW
+)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return random_ids(4, 32, seed=1)
+
+
+# the three tiny architectures take turns, so each sees every kind of step
+CELLS = [(TINY_ARCHS[i % len(TINY_ARCHS)], *c) for i, c in enumerate(CELLS)]
+
+
+@pytest.mark.parametrize("arch,rot,weight,act,kv", CELLS, ids=["-".join(c) for c in CELLS])
+def test_composition_saves_loads_and_generates(arch, rot, weight, act, kv, calib, tmp_path):
+    steps = [s for s in (ROTATIONS[rot], WEIGHTS[weight], ACTS[act], KVS[kv]) if s is not None]
+    model = lowbit.quantize(tiny_model(arch, seed=2), steps, calib, progress=False)
+    ids = random_ids(2, 24, seed=3)
+    with torch.no_grad():
+        want = model(ids).logits
+    out = lowbit.save(model, tmp_path / "ck")
+    loaded = lowbit.load(out)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    gen = loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 12)
