@@ -100,3 +100,41 @@ def test_bf16_calibration_passes_keep_fp32_weights_and_quality():
         out[dt] = float((_logits(model, calib) - want).norm() / want.norm())
     # bf16 passes perturb the Hessians a little, not the result's quality.
     assert out[torch.bfloat16] < 1.5 * out[None] + 1e-3, out
+
+
+def _o_proj_codes(true_sequential: bool):
+    """Codes of layer 0's o_proj after quantizing a tiny Llama with W3 GPTQ."""
+    model = tiny_model("llama", seed=4)
+    recipe = lowbit.WeightQuant("gptq", 3, 32, true_sequential=true_sequential)
+    lowbit.quantize(model, recipe, _calib(model), progress=False)
+    return model, model.model.layers[0].self_attn.o_proj.qweight
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_takes_o_proj_hessian_from_the_quantized_qkv(true_sequential):
+    """Layer 0's o_proj must be GPTQ of its weight under the Hessian of its inputs as the block
+    computes them with q/k/v already quantized (true-sequential) or in full precision (not)."""
+    from lowbit.grids import UniformGrid
+    from lowbit.methods import HessianAccumulator, gptq
+
+    quantized, codes = _o_proj_codes(true_sequential)
+    ref = tiny_model("llama", seed=4)
+    attn = ref.model.layers[0].self_attn
+    if true_sequential:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, getattr(quantized.model.layers[0].self_attn, name))
+    acc = HessianAccumulator(attn.o_proj.in_features)
+    hook = attn.o_proj.register_forward_pre_hook(lambda m, args: acc.add_batch(args[0].detach()))
+    calib = _calib(ref)
+    with torch.no_grad():
+        for i in range(0, calib.shape[0], 8):  # the driver's batch size
+            ref(calib[i : i + 8])
+    hook.remove()
+    step = lowbit.WeightQuant("gptq", 3, 32)
+    grid = UniformGrid(bits=3, group_size=32, sym=step.sym, mse=step.mse)
+    res = gptq(attn.o_proj.weight.detach().float(), acc.hessian, grid, block_size=step.block_size,
+               damp=step.damp, act_order=step.act_order, static_groups=step.static_groups)
+    want = QuantLinear.from_quantized(res.qweight).qweight
+    assert torch.equal(codes, want)
+    other = _o_proj_codes(not true_sequential)[1]
+    assert not torch.equal(codes, other)  # the two Hessians differ enough to change codes

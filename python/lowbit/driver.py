@@ -6,7 +6,9 @@ For a calibration batch ``(n, seqlen)``:
    model passes every layer: attention mask, rotary position embeddings, …);
 2. for each layer: run it on the captured inputs with forward hooks that accumulate one Hessian
    ``2·XᵀX`` per group of linears sharing an input (q/k/v; o; gate/up; down), keeping the
-   full-precision outputs; quantize every linear with the recipe's method and swap in a packed
+   full-precision outputs (with ``true_sequential``, the default of :class:`WeightQuant`, only
+   q/k/v's Hessian comes from this pass: each later group's is taken from the block with the
+   groups before it already quantized, the forward stopped at that group); quantize every linear with the recipe's method and swap in a packed
    :class:`~lowbit.nn.QuantLinear` (or :class:`~lowbit.nn.VQLinear` for vector quantization); run the *quantized* layer to get the next layer's inputs (and
    the layer's relative output error against the full-precision outputs);
 3. only one layer's activations and Hessians are alive at a time (RSAVQ also needs the diagonal
@@ -324,13 +326,14 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
     for li, layer in enumerate(layers):
         t0 = time.perf_counter()
         groups = adapter.linear_groups(layer)
+        sequential = bool(getattr(step, "true_sequential", False))
         accs = [HessianAccumulator(g[0][1].in_features) for g in groups]
         runner = _runner(layer, calib_dtype)
         hooks = [
             runner.get_submodule(g[0][0]).register_forward_hook(
                 lambda m, inp, out, acc=acc: acc.add_batch(inp[0].detach())
             )
-            for g, acc in zip(groups, accs)
+            for g, acc in zip(groups[:1] if sequential else groups, accs)
         ]
         try:
             fp_outs = [_first(runner(x, **kw)) for x, kw in zip(inps, kwargs)]
@@ -342,6 +345,12 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         report.stage_seconds["hessians"] += t1 - t0
 
         for gi, (group, acc) in enumerate(zip(groups, accs)):
+            if sequential and gi > 0:
+                t = time.perf_counter()
+                _collect_inputs(_runner(layer, calib_dtype), group[0][0], acc, inps, kwargs)
+                dt = time.perf_counter() - t
+                report.stage_seconds["hessians"] += dt
+                t1 += dt  # not counted as quantize time
             H = acc.hessian
             for name, lin in group:
                 if bar is not None:
@@ -387,6 +396,26 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         log.info("layer %d: output error %.4f", li, report.block_output_error[li])
     if bar is not None:
         bar.close()
+
+
+def _collect_inputs(runner: nn.Module, name: str, acc: HessianAccumulator, inps, kwargs) -> None:
+    """Run ``runner`` (a decoder block, earlier groups already quantized) on every calibration
+    input up to the linear ``name``, adding that linear's inputs to ``acc``; the rest of the
+    block is skipped."""
+
+    def grab(module, args):
+        acc.add_batch(args[0].detach())
+        raise _Stop
+
+    hook = runner.get_submodule(name).register_forward_pre_hook(grab)
+    try:
+        for x, kw in zip(inps, kwargs):
+            try:
+                runner(x, **kw)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
 
 
 def fast_calib_dtype() -> Optional[torch.dtype]:

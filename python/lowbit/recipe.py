@@ -51,9 +51,15 @@ class WeightQuant:
         act_order: GPTQ/LDLQ column order by descending Hessian diagonal (stored as a permutation).
         static_groups: with act_order, fix the group parameters before the permuted pass.
         damp: Hessian damping, a fraction of the mean diagonal. 0.1, not GPTQ's 0.01: on the
-            bundled model it generalizes better out of domain (W4 g64, 64×512 mixed calibration,
-            8192 news tokens: 1.196× FP against 1.215×; in domain 1.128× against 1.142×).
+            bundled model it generalizes better out of domain at 4 and 2 bits (W4 g64, 64×512
+            mixed calibration, 8192 news tokens: 1.199× FP against 1.225× at 0.03; W2 g32: 11.8×
+            against 12.5× at 0.01); the ``w3-gptq`` preset keeps 0.01 (1.987× against 2.076×).
+            ``benches/results/2026-12-02-gptq-defaults-ood.md`` has the table.
         block_size: GPTQ lazy-batch width.
+        true_sequential: within a decoder block, take each group's Hessian (q/k/v; o; gate/up;
+            down) from the block with the groups before it already quantized, as GPTQModel and
+            IST-DASLab's ``--true-sequential`` do; ``False`` takes every Hessian from the
+            full-precision block in one pass.
     """
 
     method: str = "gptq"
@@ -66,6 +72,7 @@ class WeightQuant:
     static_groups: bool = False
     damp: float = 0.1
     block_size: int = 128
+    true_sequential: bool = True
     version: int = 1
     step: str = field(default="weight", init=False)
 
@@ -427,7 +434,8 @@ PRESETS: dict[str, Recipe] = {
     "w3-rtn": Recipe((WeightQuant("rtn", 3, 64),), "w3-rtn"),
     "w2-rtn": Recipe((WeightQuant("rtn", 2, 32),), "w2-rtn"),
     "w4-gptq": Recipe((WeightQuant("gptq", 4, 64),), "w4-gptq"),
-    "w3-gptq": Recipe((WeightQuant("gptq", 3, 64),), "w3-gptq"),
+    # damp 0.01 at 3 bits: out of domain 1.987x FP against 2.076x at 0.1 (64x512 mix, 8192 news tokens)
+    "w3-gptq": Recipe((WeightQuant("gptq", 3, 64, damp=0.01),), "w3-gptq"),
     "w2-gptq": Recipe((WeightQuant("gptq", 2, 32),), "w2-gptq"),
     "w4-ldlq": Recipe((WeightQuant("ldlq", 4, 64),), "w4-ldlq"),
     "w1.58-gptq": Recipe((WeightQuant("gptq", 2, 64, kind="ternary", mse=False),), "w1.58-gptq"),
