@@ -1,8 +1,8 @@
 """Every composition of recipe steps saves and loads: rotation × weight method × activations × KV.
 
 Each cell quantizes a tiny model, saves it, loads it back and checks that the loaded model gives
-the in-memory model's logits and still generates. The weight methods come from the recipe's lists
-(`recipe.METHODS`, `recipe.VQ_METHODS`), so a new method is covered here without a new test.
+the in-memory model's logits and still generates. The weight methods come from the registry
+(`lowbit.methods.registry`), so a new method is covered here without a new test.
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import torch
 
 import lowbit
 from lowbit.models.tiny import TINY_ARCHS, random_ids, tiny_model
-from lowbit.recipe import METHODS, VQ_METHODS, ActQuant, KVQuant, Rotate, VectorQuant, WeightQuant
+from lowbit.methods.registry import weight_methods
+from lowbit.recipe import ActQuant, KVQuant, Rotate, VectorQuant, WeightQuant
 
 pytest.importorskip("transformers")
 
 ROTATIONS = {"none": None, "quarot": Rotate("quarot"), "spinquant": Rotate("spinquant", steps=2, seqlen=16)}
+# one cell config per registered weight method (a new method gets its cells from its family);
+# RSAVQ with fewer Fisher samples and k-means iterations, to stay quick
+_FAST = {"rsavq": dict(bits=2.0, fisher_samples=2, kmeans_iters=2)}
 WEIGHTS = {
-    **{m: WeightQuant(m, 4, 32) for m in METHODS},
-    **{
-        "quip": VectorQuant("quip", 2, finetune_steps=0, e2e_steps=0),
-        "rsavq": VectorQuant("rsavq", 2.0, fisher_samples=2, kmeans_iters=2, finetune_steps=0, e2e_steps=0),
-    },
+    name: WeightQuant(name, 4, 32)
+    if m.family == "grid"
+    else VectorQuant(name, **{"bits": 2, **_FAST.get(name, {})}, finetune_steps=0, e2e_steps=0)
+    for name, m in weight_methods().items()
 }
-assert set(WEIGHTS) == set(METHODS) | set(VQ_METHODS), "a weight method without a composition cell"
 ACTS = {"none": None, "a8": ActQuant(8), "a4": ActQuant(4)}
 KVS = {"none": None, "uniform": KVQuant(4, "uniform"), "kvquant": KVQuant(4, "kvquant", calib_samples=2)}
 

@@ -368,6 +368,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .recipe import weight_method_names
+
     p = _Parser(prog="lowbit", description="Extremely low-bit quantization of LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -379,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, help="override the weight bits")
     q.add_argument("--group", type=int, help="override the group size (0 = per channel)")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
-    q.add_argument("--method", choices=["rtn", "gptq", "ldlq"], help="override the weight method")
+    q.add_argument("--method", choices=weight_method_names("grid"), help="override the weight method")
     q.add_argument("--calib-samples", type=_positive_int, default=128)
     q.add_argument("--calib-data", type=Path, metavar="PATH",
                    help="calibrate on your own text: a text file, a folder of text files, or JSONL with a 'text' field "

@@ -31,11 +31,11 @@ from torch import nn
 
 from .errors import ShapeError
 from .eval import check_fits_model
-from .grids import BinaryGrid, TernaryGrid, UniformGrid
-from .methods import HessianAccumulator, act_order_perm, gptq, ldlq, rtn
+from .methods import HessianAccumulator
+from .methods.registry import weight_method
 from .models.adapters import get_adapter
-from .nn import QuantLinear, VQLinear, attach_input_transform, input_transform_of
-from .recipe import ActQuant, KVQuant, Recipe, VectorQuant, WeightQuant, resolve
+from .nn import attach_input_transform, input_transform_of
+from .recipe import ActQuant, KVQuant, Recipe, resolve
 
 log = logging.getLogger(__name__)
 
@@ -80,46 +80,6 @@ class QuantReport:
     @property
     def seconds(self) -> float:
         return sum(self.stage_seconds.values())
-
-
-def _grid(step: WeightQuant):
-    if step.kind == "ternary":
-        return TernaryGrid(group_size=step.group_size)
-    if step.kind == "binary":
-        return BinaryGrid(group_size=step.group_size)
-    return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym, mse=step.mse)
-
-
-def _quantize_linear(step: Any, lin: nn.Linear, hessian: Optional[torch.Tensor], fisher: Optional[torch.Tensor] = None):
-    """Return ``(QuantizedWeight or VQWeight, loss)`` for one linear."""
-    W = lin.weight.detach().float()
-    if isinstance(step, VectorQuant):
-        if step.method == "quip":
-            from .methods.quip import quip
-
-            res = quip(W, hessian, bits=int(step.bits), seed=step.seed, damp=step.damp)
-        else:
-            from .methods.rsavq import rsavq
-
-            res = rsavq(W, hessian, fisher, bits=float(step.bits), dim=step.vector_dim, seed=step.seed, damp=step.damp, iters=step.kmeans_iters)
-        return res.qweight, res.loss
-    grid = _grid(step)
-    if step.method == "rtn":
-        return rtn(W, grid), None
-    if step.method == "gptq":
-        res = gptq(
-            W,
-            hessian,
-            grid,
-            block_size=step.block_size,
-            damp=step.damp,
-            act_order=step.act_order,
-            static_groups=step.static_groups,
-        )
-        return res.qweight, float(res.loss)
-    perm = act_order_perm(hessian) if step.act_order else None
-    res = ldlq(W, hessian, grid, damp=step.damp, perm=perm, static_groups=step.static_groups)
-    return res.qweight, float(res.loss)
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -230,13 +190,13 @@ def quantize(
             report.stage_seconds["rotate"] = time.perf_counter() - t
         if recipe.weight is not None:
             _quantize_weights(model, adapter, recipe.weight, calib, report, batch_size, calib_dtype, progress)
-            step = recipe.weight
-            if isinstance(step, VectorQuant) and step.e2e_steps:
-                from .methods.finetune import tune_model
-
+            method = weight_method(recipe.weight.method)
+            if method.after_model is not None:
                 t = time.perf_counter()
-                report.e2e_loss = tune_model(model, calib, steps=step.e2e_steps, autocast_dtype=calib_dtype, seed=step.seed)
-                report.stage_seconds["finetune_e2e"] = time.perf_counter() - t
+                result = method.after_model(recipe.weight, model, calib, calib_dtype)
+                if result is not None:
+                    report.e2e_loss = result
+                    report.stage_seconds["finetune_e2e"] = time.perf_counter() - t
         if recipe.activation is not None:
             _attach_act_quant(model, adapter, recipe.activation)
         if recipe.kv is not None:
@@ -300,16 +260,17 @@ def _install_kv(model, adapter, step: KVQuant, calib) -> None:
 @torch.no_grad()
 def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, batch_size, calib_dtype, progress) -> None:
     layers = adapter.decoder_layers(model)
+    method = weight_method(step.method)
     t_start = time.perf_counter()
     fisher: dict[str, torch.Tensor] = {}
-    if isinstance(step, VectorQuant) and step.method == "rsavq":
+    if "fisher" in method.needs:
         from .methods.fisher import fisher_diagonal
 
         fisher = fisher_diagonal(model, calib[: step.fisher_samples])
         report.stage_seconds["fisher"] = time.perf_counter() - t_start
         t_start = time.perf_counter()
-    if not step.needs_hessian:
-        _quantize_rtn(model, adapter, layers, step, report, progress)
+    if "hessian" not in method.needs:
+        _quantize_data_free(model, adapter, layers, method, step, report, progress)
         report.stage_seconds["quantize"] = time.perf_counter() - t_start
         return
 
@@ -356,24 +317,21 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
                 if bar is not None:
                     bar.set_postfix_str(f"layer {li} {name}")
                 full = f"{prefix}.{li}.{name}"
-                ql = _swap_in(report, full, layer, name, lin, step, H, fisher.pop(full, None))
+                ql = _swap_in(report, full, layer, name, lin, method, step, H, fisher.pop(full, None))
                 ql.cache_dequantized = True
             del H
-            if isinstance(step, VectorQuant) and step.tune_linears and step.finetune_steps >= 3 and gi + 1 < len(groups):
-                from .methods.finetune import tune_block
-
-                tune_block(layer, inps, kwargs, fp_outs, steps=step.finetune_steps // 3, seed=step.seed + li, train_linears=True)
+            if method.between_groups is not None and gi + 1 < len(groups):
+                method.between_groups(step, layer, inps, kwargs, fp_outs, li)
         del accs
         t2 = time.perf_counter()
         report.stage_seconds["quantize"] += t2 - t1
-        if isinstance(step, VectorQuant) and step.finetune_steps:
-            from .methods.finetune import tune_block
-
-            before, after = tune_block(layer, inps, kwargs, fp_outs, steps=step.finetune_steps, seed=step.seed + li)
-            report.finetune[li] = (before, after)
-            t3 = time.perf_counter()
-            report.stage_seconds["finetune"] = report.stage_seconds.get("finetune", 0.0) + t3 - t2
-            t2 = t3
+        if method.after_block is not None:
+            result = method.after_block(step, layer, inps, kwargs, fp_outs, li)
+            if result is not None:
+                report.finetune[li] = result
+                t3 = time.perf_counter()
+                report.stage_seconds["finetune"] = report.stage_seconds.get("finetune", 0.0) + t3 - t2
+                t2 = t3
 
         num = den = 0.0
         runner = _runner(layer, calib_dtype)
@@ -456,15 +414,17 @@ def _swap_in(
     layer: nn.Module,
     name: str,
     lin: nn.Linear,
+    method: Any,
     step: Any,
     hessian: Optional[torch.Tensor],
     fisher: Optional[torch.Tensor] = None,
 ) -> nn.Module:
-    """Quantize ``lin``, put the packed :class:`QuantLinear` / :class:`VQLinear` in its place, record its stats."""
+    """Quantize ``lin`` with ``method`` (a registered :class:`~lowbit.methods.registry.WeightMethod`),
+    put the stored layer it makes in its place, record its stats."""
     t = time.perf_counter()
-    qw, loss = _quantize_linear(step, lin, hessian, fisher)
+    qw, loss = method.quantize(step, lin.weight.detach().float(), hessian, fisher)
     bias = lin.bias.detach() if lin.bias is not None else None
-    ql: Any = VQLinear.from_quantized(qw, bias) if isinstance(step, VectorQuant) else QuantLinear.from_quantized(qw, bias)
+    ql: Any = method.layer().from_quantized(qw, bias)
     W = lin.weight.detach().float()
     err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
     transform = input_transform_of(lin)
@@ -485,13 +445,14 @@ def _layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     return "layers"
 
 
-def _quantize_rtn(model, adapter, layers, step, report, progress) -> None:
+def _quantize_data_free(model, adapter, layers, method, step, report, progress) -> None:
+    """The loop of a method that needs no data: every linear quantized from its weight alone."""
     bar = _progress(len(layers), progress, report.recipe)
     prefix = _layer_prefix(model, layers)
     for li, layer in enumerate(layers):
         for group in adapter.linear_groups(layer):
             for name, lin in group:
-                _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, step, None)
+                _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, method, step, None)
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -27,8 +27,17 @@ from .errors import LowbitError, UnsupportedSizeError, ValueRangeError
 __all__ = ["WeightQuant", "VectorQuant", "Rotate", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
 
 METHODS = ("rtn", "gptq", "ldlq")
+"""The built-in :class:`WeightQuant` methods; :func:`weight_method_names` also has those registered since."""
 KINDS = ("uniform", "ternary", "binary")
 UNIFORM_BITS = (2, 3, 4, 8)
+
+
+def weight_method_names(family: str) -> tuple[str, ...]:
+    """Names of the registered weight methods of ``family`` (``"grid"``: :class:`WeightQuant`,
+    ``"vq"``: :class:`VectorQuant`; see :mod:`lowbit.methods.registry`)."""
+    from .methods.registry import weight_methods
+
+    return tuple(weight_methods(family))
 
 
 class UnknownRecipeError(LowbitError, ValueError):
@@ -77,8 +86,8 @@ class WeightQuant:
     step: str = field(default="weight", init=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueRangeError(f"method: unknown weight method {self.method!r}; choose from {METHODS}")
+        if self.method not in weight_method_names("grid"):
+            raise ValueRangeError(f"method: unknown weight method {self.method!r}; choose from {weight_method_names('grid')}")
         if self.kind not in KINDS:
             raise ValueRangeError(f"kind: unknown grid {self.kind!r}; choose from {KINDS}")
         if self.kind == "uniform" and self.bits not in UNIFORM_BITS:
@@ -153,8 +162,8 @@ class VectorQuant:
     step: str = field(default="weight", init=False)
 
     def __post_init__(self) -> None:
-        if self.method not in VQ_METHODS:
-            raise ValueRangeError(f"method: unknown vector-quantization method {self.method!r}; choose from {VQ_METHODS}")
+        if self.method not in weight_method_names("vq"):
+            raise ValueRangeError(f"method: unknown vector-quantization method {self.method!r}; choose from {weight_method_names('vq')}")
         if self.method == "quip":
             _check_bits(self.bits, QUIP_BITS)
             if self.dim not in (None, 8):
@@ -366,7 +375,7 @@ def step_from_dict(d: dict, where: str = "step") -> Any:
     if not isinstance(d, dict):
         raise ValueRangeError(f"{where}: must be a dict, got {type(d).__name__}")
     cls = STEP_KINDS.get(d.get("step", "weight"))
-    if cls is WeightQuant and d.get("method") in VQ_METHODS:
+    if cls is WeightQuant and d.get("method") in weight_method_names("vq"):
         cls = VectorQuant
     if cls is None:
         raise ValueRangeError(f"{where}: unknown step kind {d.get('step')!r}; known: {tuple(STEP_KINDS)}")

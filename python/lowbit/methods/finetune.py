@@ -218,3 +218,28 @@ def tune_model(
             return float(sum(ce(calib[i : i + 1]) for i in range(held_out)) / held_out)
 
     return _tune(model, layers, norms, step_loss, evaluate, steps, lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry hooks of the vector-quantization methods (QuIP#, RSAVQ): the step's
+# ``finetune_steps`` / ``tune_linears`` / ``e2e_steps`` / ``seed`` decide what runs
+
+
+def between_groups(step: Any, block: nn.Module, inps, kwargs, fp_outs, index: int) -> None:
+    """With ``step.tune_linears``: tune the block's not yet quantized linears (``finetune_steps // 3`` steps)."""
+    if step.tune_linears and step.finetune_steps >= 3:
+        tune_block(block, inps, kwargs, fp_outs, steps=step.finetune_steps // 3, seed=step.seed + index, train_linears=True)
+
+
+def after_block(step: Any, block: nn.Module, inps, kwargs, fp_outs, index: int) -> Optional[tuple[float, float]]:
+    """Block fine-tuning of ``step.finetune_steps`` steps; ``(before, after)`` errors, or ``None`` when off."""
+    if not step.finetune_steps:
+        return None
+    return tune_block(block, inps, kwargs, fp_outs, steps=step.finetune_steps, seed=step.seed + index)
+
+
+def after_model(step: Any, model: nn.Module, calib: torch.Tensor, calib_dtype: Optional[torch.dtype]) -> Optional[tuple[float, float]]:
+    """End-to-end fine-tuning of ``step.e2e_steps`` steps; ``(before, after)`` losses, or ``None`` when off."""
+    if not step.e2e_steps:
+        return None
+    return tune_model(model, calib, steps=step.e2e_steps, autocast_dtype=calib_dtype, seed=step.seed)

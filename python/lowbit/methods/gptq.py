@@ -113,3 +113,17 @@ def gptq(
     codes, perm = store_order(codes, order, act_order, static_groups)
     qweight = grid.build(codes, scales, zeros, perm=perm, method="gptq")
     return GPTQResult(qweight=qweight, loss=float(loss), damp=lam, n_dead=int(dead.sum()), order=order)
+
+
+def _quantize(step, W, H, fisher):
+    from .rtn import step_grid
+
+    res = gptq(W, H, step_grid(step), block_size=step.block_size, damp=step.damp,
+               act_order=step.act_order, static_groups=step.static_groups)
+    return res.qweight, float(res.loss)
+
+
+from .registry import WeightMethod, register  # noqa: E402  (registration at import)
+from .rtn import quant_linear_class  # noqa: E402
+
+register(WeightMethod("gptq", _quantize, quant_linear_class, needs=frozenset({"hessian"})))

@@ -126,3 +126,18 @@ def ldlq(
     codes, out_perm = store_order(codes, order, permuted, static_groups)
     qweight = grid.build(codes, scales, zeros, perm=out_perm, method="ldlq")
     return GPTQResult(qweight=qweight, loss=float(loss), damp=lam, n_dead=int(dead.sum()), order=order)
+
+
+def _quantize(step, W, H, fisher):
+    from .hessian import act_order_perm
+    from .rtn import step_grid
+
+    perm = act_order_perm(H) if step.act_order else None
+    res = ldlq(W, H, step_grid(step), damp=step.damp, perm=perm, static_groups=step.static_groups)
+    return res.qweight, float(res.loss)
+
+
+from .registry import WeightMethod, register  # noqa: E402  (registration at import)
+from .rtn import quant_linear_class  # noqa: E402
+
+register(WeightMethod("ldlq", _quantize, quant_linear_class, needs=frozenset({"hessian"})))

@@ -192,3 +192,27 @@ def quip(
     qw = VQWeight(n, out, _BLOCK, stages, scale, su, sv, method="quip")
     return VQResult(qweight=qw, loss=loss)
 
+
+
+def vq_linear_class():
+    """The stored layer of the vector-quantized weights."""
+    from ..nn.vq_linear import VQLinear
+
+    return VQLinear
+
+
+def _quantize(step, W, H, fisher):
+    res = quip(W, H, bits=int(step.bits), seed=step.seed, damp=step.damp)
+    return res.qweight, res.loss
+
+
+def _register() -> None:
+    from . import finetune
+    from .registry import WeightMethod, register
+
+    register(WeightMethod("quip", _quantize, vq_linear_class, family="vq", needs=frozenset({"hessian"}),
+                          between_groups=finetune.between_groups, after_block=finetune.after_block,
+                          after_model=finetune.after_model))
+
+
+_register()

@@ -431,3 +431,21 @@ def rsavq(
     )
     loss = proxy_loss(W, qw.dequantize(), H_orig)
     return VQResult(qweight=qw, loss=loss)
+
+
+def _quantize(step, W, H, fisher):
+    res = rsavq(W, H, fisher, bits=float(step.bits), dim=step.vector_dim, seed=step.seed, damp=step.damp, iters=step.kmeans_iters)
+    return res.qweight, res.loss
+
+
+def _register() -> None:
+    from . import finetune
+    from .quip import vq_linear_class
+    from .registry import WeightMethod, register
+
+    register(WeightMethod("rsavq", _quantize, vq_linear_class, family="vq", needs=frozenset({"hessian", "fisher"}),
+                          between_groups=finetune.between_groups, after_block=finetune.after_block,
+                          after_model=finetune.after_model))
+
+
+_register()

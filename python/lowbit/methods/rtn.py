@@ -25,3 +25,30 @@ def rtn(W: torch.Tensor, grid: Grid) -> QuantizedWeight:
         DTypeError / ShapeError / ValueRangeError naming ``W``.
     """
     return grid.quantize_weight(W)
+
+
+def step_grid(step):
+    """The grid a :class:`~lowbit.recipe.WeightQuant` step quantizes on (uniform, ternary, binary)."""
+    from ..grids import BinaryGrid, TernaryGrid, UniformGrid
+
+    if step.kind == "ternary":
+        return TernaryGrid(group_size=step.group_size)
+    if step.kind == "binary":
+        return BinaryGrid(group_size=step.group_size)
+    return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym, mse=step.mse)
+
+
+def quant_linear_class():
+    """The stored layer of the uniform/ternary/binary grids."""
+    from ..nn.quant_linear import QuantLinear
+
+    return QuantLinear
+
+
+def _quantize(step, W, H, fisher):
+    return rtn(W, step_grid(step)), None
+
+
+from .registry import WeightMethod, register  # noqa: E402  (registration at import)
+
+register(WeightMethod("rtn", _quantize, quant_linear_class))

@@ -1,0 +1,91 @@
+"""The weight-method registry: each method file registers how it quantizes one linear, what it
+needs, the layer type its result is stored as, and the hooks it runs around the layer loop.
+
+:func:`lowbit.quantize`'s loop (:mod:`lowbit.driver`) only asks this registry; it never names a
+method. A new weight method is one file that calls :func:`register` at import, plus a preset line
+in :mod:`lowbit.recipe` (and its name in the step config's list of methods).
+
+Hooks, all optional, in the order the loop calls them:
+
+* ``quantize(step, W, H, fisher) -> (qweight, loss)`` — per linear: ``W`` the ``(out, in)``
+  float32 weight, ``H`` its ``(in, in)`` Hessian (``None`` unless the method needs ``"hessian"``),
+  ``fisher`` its ``(out, in)`` diagonal Fisher (``None`` unless it needs ``"fisher"``); returns a
+  packed weight that ``layer().from_quantized(qweight, bias)`` turns into the stored module, and
+  the method's proxy loss (or ``None``).
+* ``between_groups(step, block, inps, kwargs, fp_outs, index)`` — after each linear group of a
+  decoder block except the last (QuIP#'s tuning of the layers not quantized yet).
+* ``after_block(step, block, inps, kwargs, fp_outs, index) -> (before, after) or None`` — after the
+  block's linears are quantized, before its outputs feed the next block (block reconstruction).
+* ``after_model(step, model, calib, calib_dtype) -> (before, after) or None`` — once, after the
+  loop (end-to-end tuning, QAT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..errors import ValueRangeError
+
+__all__ = ["WeightMethod", "register", "weight_method", "weight_methods", "NEEDS", "FAMILIES"]
+
+#: what a method may ask the loop for
+NEEDS = frozenset({"hessian", "fisher"})
+#: the step config a method is configured by: ``"grid"`` — :class:`~lowbit.recipe.WeightQuant`
+#: (scalar codes on a uniform/ternary/binary grid), ``"vq"`` — :class:`~lowbit.recipe.VectorQuant`
+FAMILIES = ("grid", "vq")
+
+
+@dataclass(frozen=True)
+class WeightMethod:
+    """One registered weight method (see the module docstring for the hooks' signatures)."""
+
+    name: str
+    quantize: Callable[..., tuple[Any, Optional[float]]]
+    layer: Callable[[], type]
+    family: str = "grid"
+    needs: frozenset = field(default_factory=frozenset)
+    between_groups: Optional[Callable[..., None]] = None
+    after_block: Optional[Callable[..., Optional[tuple[float, float]]]] = None
+    after_model: Optional[Callable[..., Optional[tuple[float, float]]]] = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueRangeError(f"family: {self.family!r} of method {self.name!r} is not one of {FAMILIES}")
+        unknown = set(self.needs) - NEEDS
+        if unknown:
+            raise ValueRangeError(f"needs: unknown requirement(s) {sorted(unknown)} of method {self.name!r}; known: {sorted(NEEDS)}")
+
+
+_REGISTRY: dict[str, WeightMethod] = {}
+
+
+def register(method: WeightMethod) -> WeightMethod:
+    """Add ``method`` under its name (a second registration of a name is an error)."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueRangeError(f"name: a weight method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_builtin() -> None:
+    from . import gptq, ldlq, quip, rsavq, rtn  # noqa: F401  (each registers itself)
+
+
+def weight_method(name: str) -> WeightMethod:
+    """The registered method ``name``.
+
+    Raises:
+        ValueRangeError: no method of that name is registered (the message lists those that are).
+    """
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueRangeError(f"method: unknown weight method {name!r}; registered: {tuple(_REGISTRY)}") from None
+
+
+def weight_methods(family: Optional[str] = None) -> dict[str, WeightMethod]:
+    """Every registered weight method (of ``family``, if given), by name, in registration order."""
+    _load_builtin()
+    return {n: m for n, m in _REGISTRY.items() if family is None or m.family == family}
