@@ -63,3 +63,22 @@ def test_a_method_registered_from_outside_runs_through_the_loop(monkeypatch):
     assert all(s.method == "toy" and s.loss > 0 for s in model.lowbit_report.layers)
     with torch.no_grad():
         assert torch.isfinite(model(random_ids(1, 8)).logits).all()
+
+
+def test_layer_formats_are_registered_and_the_checkpoint_names_them(tmp_path):
+    from lowbit.errors import CheckpointError
+    from lowbit.io import checkpoint as ckpt
+    from lowbit.nn.layer_formats import format_of, layer_format, layer_formats, stored_layer_classes
+
+    assert set(layer_formats()) >= {"packed", "vq"}
+    assert layer_format("packed").module is QuantLinear and layer_format("vq").module is VQLinear
+    assert set(stored_layer_classes()) >= {QuantLinear, VQLinear}
+    assert format_of(torch.nn.Linear(2, 2)) is None
+    model = lowbit.quantize(tiny_model("qwen2", seed=2), "w4-rtn", progress=False)
+    assert format_of(model.model.layers[0].mlp.up_proj).name == "packed"
+    meta = dict(model.model.layers[0].mlp.up_proj.metadata(), format="lattice")
+    with pytest.raises(CheckpointError, match=r"format: unknown layer format 'lattice'; known: 'packed', 'vq'"):
+        ckpt._check_layer_meta("model.layers.0.mlp.up_proj", meta)
+    bad = dict(model.model.layers[0].mlp.up_proj.metadata(), packing="nibbles")
+    with pytest.raises(CheckpointError, match=r"up_proj'\]: packing: 'nibbles' is not the packing"):
+        ckpt._check_layer_meta("model.layers.0.mlp.up_proj", bad)

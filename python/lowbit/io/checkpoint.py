@@ -72,9 +72,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
-from ..grids.base import GRID_KINDS
-from ..nn.quant_linear import PackingFormat, QuantLinear
-from ..nn.vq_linear import VQLinear
+from ..nn.layer_formats import format_of, layer_format, layer_formats, stored_layer_classes
 from .publish import publish, seal, staging
 from .untrusted import check_folder_files, check_regular_file, read_json
 
@@ -104,7 +102,6 @@ _MANIFEST_FORMAT = "lowbit-manifest"
 _MAX_MANIFEST_BYTES = 1 << 20
 _DIGEST_KEY = "lowbit_description_sha256"
 _MAX_FEATURES = 1 << 24
-_QUANT_TENSORS = {"qweight": torch.uint8, "scales": torch.float16, "zeros": torch.float16, "perm": torch.int64}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -231,8 +228,9 @@ def _config_json(model: nn.Module, quantization_config: dict) -> tuple[dict, str
     qc.setdefault("recipe", [])
     layers = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, VQLinear)):
-            if mod.row_scale.is_meta if isinstance(mod, VQLinear) else mod.qweight.is_meta:
+        fmt = format_of(mod)
+        if fmt is not None:
+            if not fmt.has_data(mod):
                 raise CheckpointError(f"{name}: {type(mod).__name__} has no data (meta tensors)")
             layers[name] = mod.metadata()
     qc["layers"] = layers
@@ -558,32 +556,6 @@ def _read_config(path: Path) -> tuple[dict, dict]:
     return cfg, qc
 
 
-_LAYER_FIELDS: dict[str, tuple[type, ...]] = {
-    "in_features": (int,),
-    "out_features": (int,),
-    "bits": (int,),
-    "group_size": (int,),
-    "kind": (str,),
-    "sym": (bool,),
-    "zero_const": (int, float),
-    "act_order": (bool,),
-    "bias": (bool,),
-    "method": (str,),
-    "packing": (str,),
-}
-
-
-_VQ_FIELDS: dict[str, tuple[type, ...]] = {
-    "in_features": (int,),
-    "out_features": (int,),
-    "dim": (int,),
-    "stages": (list,),
-    "incoherent": (bool,),
-    "bias": (bool,),
-    "method": (str,),
-}
-
-
 def _check_fields(where: str, meta: dict, fields: dict[str, tuple[type, ...]]) -> None:
     for field, types in fields.items():
         if field not in meta:
@@ -597,32 +569,17 @@ def _check_fields(where: str, meta: dict, fields: dict[str, tuple[type, ...]]) -
 
 
 def _check_layer_meta(name: str, meta: Any) -> None:
+    """Check one ``quantization_config.layers`` entry against its registered format."""
     where = f"quantization_config.layers[{name!r}]"
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: must be an object, got {type(meta).__name__}")
-    fmt = meta.get("format", "packed")
-    if fmt == "vq":
-        _check_fields(where, meta, _VQ_FIELDS)
-        try:
-            layer = VQLinear.from_metadata(meta, device="meta")
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{where}: {e}") from None
-        for s, spec in enumerate(meta["stages"]):
-            if spec.get("index_bits", layer.stage_specs[s]["index_bits"]) != layer.stage_specs[s]["index_bits"]:
-                raise CheckpointError(f"{where}.stages[{s}].index_bits: {spec['index_bits']!r} does not fit k={spec.get('k')}")
-        return
-    if fmt != "packed":
-        raise CheckpointError(f"{where}.format: unknown layer format {fmt!r}; known: 'packed', 'vq'")
-    _check_fields(where, meta, _LAYER_FIELDS)
-    if meta["kind"] not in GRID_KINDS:
-        raise CheckpointError(f"{where}.kind: unknown grid kind {meta['kind']!r}; known: {GRID_KINDS}")
-    if meta["packing"] != PackingFormat.for_kind(meta["kind"]).value:
-        raise CheckpointError(
-            f"{where}.packing: {meta['packing']!r} is not the packing of kind {meta['kind']!r} "
-            f"({PackingFormat.for_kind(meta['kind']).value!r})"
-        )
+    fmt = layer_format(meta.get("format", "packed"))
+    if fmt is None:
+        known = ", ".join(repr(n) for n in layer_formats())
+        raise CheckpointError(f"{where}.format: unknown layer format {meta.get('format')!r}; known: {known}")
+    _check_fields(where, meta, fmt.fields)
     try:
-        QuantLinear.from_metadata(meta, device="meta")
+        fmt.check_metadata(meta)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -683,8 +640,8 @@ def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) ->
             )
         if (old.bias is not None) != meta["bias"]:
             raise CheckpointError(f"{where}.bias: {meta['bias']} but the architecture's layer has bias={old.bias is not None}")
-        cls: Any = VQLinear if meta.get("format") == "vq" else QuantLinear
-        new = cls.from_metadata(meta, device="meta", bias_dtype=dtype)
+        fmt: Any = layer_format(meta.get("format", "packed"))  # checked by _check_layer_meta
+        new = fmt.module.from_metadata(meta, device="meta", bias_dtype=dtype)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
@@ -701,7 +658,7 @@ def _install_online(model: nn.Module, online: Any) -> None:
             mod = _module(model, name, where)
             try:
                 if section == "inputs":
-                    if not isinstance(mod, (nn.Linear, QuantLinear, VQLinear)):
+                    if not isinstance(mod, (nn.Linear, *stored_layer_classes())):
                         raise CheckpointError(f"{where}: {name!r} is a {type(mod).__name__}, not a linear")
                     attach_input_transform(mod, InputTransform.from_config(cfg))
                 else:
@@ -766,24 +723,14 @@ def _names(names: list[str], limit: int = 5) -> str:
 def _assign(model: nn.Module, names: list[str], key: str, t: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, device: Any) -> None:
     mod_name, _, leaf = key.rpartition(".")
     owner = model.get_submodule(mod_name) if mod_name else model
+    fmt = format_of(owner)
     if tuple(t.shape) != tuple(want.shape):
-        hint = ""
-        if isinstance(owner, QuantLinear) and leaf == "qweight":
-            hint = f" ({owner.packing.value} packing of {owner.in_features} codes of {owner.bits} bits per row)"
+        hint = owner.stored_shape_hint(leaf) if fmt is not None and hasattr(owner, "stored_shape_hint") else ""
         raise CheckpointError(f"{key}: shape {tuple(t.shape)} in {WEIGHTS_NAME}, expected {tuple(want.shape)}{hint}")
-    if isinstance(owner, VQLinear) and leaf != "bias":
-        if t.dtype != want.dtype:
-            raise CheckpointError(f"{key}: dtype {t.dtype} in {WEIGHTS_NAME}, expected {want.dtype}")
-        if leaf.startswith("rows") and t.numel():
-            r = t.long()
-            if int(r.min()) < 0 or int(r.max()) >= owner.out_features or not bool((r[1:] > r[:-1]).all()):
-                raise CheckpointError(f"{key}: row indices must be ascending and in 0..{owner.out_features - 1}")
-        value = t.to(device)
-    elif isinstance(owner, QuantLinear) and leaf in _QUANT_TENSORS:
-        if t.dtype != _QUANT_TENSORS[leaf]:
-            raise CheckpointError(f"{key}: dtype {t.dtype} in {WEIGHTS_NAME}, expected {_QUANT_TENSORS[leaf]}")
-        if leaf == "perm" and not torch.equal(torch.sort(t).values, torch.arange(t.numel())):
-            raise CheckpointError(f"{key}: not a permutation of 0..{t.numel() - 1}")
+    if fmt is not None and leaf != "bias":  # a stored layer's own tensors keep their dtypes
+        problem = fmt.check_tensor(owner, leaf, t, want)
+        if problem:
+            raise CheckpointError(f"{key}: {problem} ({WEIGHTS_NAME})")
         value = t.to(device)
     elif want.is_floating_point():
         if not t.is_floating_point():

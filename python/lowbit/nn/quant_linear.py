@@ -317,6 +317,12 @@ class QuantLinear(DenseCache, nn.Module):
             want["bias"] = ((self.out_features,), None)
         return want
 
+    def stored_shape_hint(self, leaf: str) -> str:
+        """What a stored tensor's shape follows from, for a checkpoint's shape error (or "")."""
+        if leaf != "qweight":
+            return ""
+        return f" ({self.packing.value} packing of {self.in_features} codes of {self.bits} bits per row)"
+
     def bits_per_weight(self) -> float:
         """Stored bits per weight, counted from the buffers: packed codes + scales + zeros.
 
@@ -428,3 +434,53 @@ class QuantLinear(DenseCache, nn.Module):
         if self.cache_dequantized:
             s += ", cache_dequantized=True"
         return s
+
+
+# ----------------------------------------------------------------------------------------------
+# the stored format "packed" (lowbit.nn.layer_formats)
+
+_PACKED_FIELDS: dict[str, tuple[type, ...]] = {
+    "in_features": (int,),
+    "out_features": (int,),
+    "bits": (int,),
+    "group_size": (int,),
+    "kind": (str,),
+    "sym": (bool,),
+    "zero_const": (int, float),
+    "act_order": (bool,),
+    "bias": (bool,),
+    "method": (str,),
+    "packing": (str,),
+}
+_PACKED_TENSORS = {"qweight": torch.uint8, "scales": torch.float16, "zeros": torch.float16, "perm": torch.int64}
+
+
+def _check_packed_metadata(meta: dict) -> None:
+    if meta["kind"] not in GRID_KINDS:
+        raise ValueRangeError(f"kind: unknown grid kind {meta['kind']!r}; known: {GRID_KINDS}")
+    if meta["packing"] != PackingFormat.for_kind(meta["kind"]).value:
+        raise ValueRangeError(
+            f"packing: {meta['packing']!r} is not the packing of kind {meta['kind']!r} "
+            f"({PackingFormat.for_kind(meta['kind']).value!r})"
+        )
+    QuantLinear.from_metadata(meta, device="meta")
+
+
+def _check_packed_tensor(layer: QuantLinear, leaf: str, t: torch.Tensor, want: torch.Tensor) -> Optional[str]:
+    if leaf not in _PACKED_TENSORS:
+        return None  # the bias: a float tensor like any other
+    if t.dtype != _PACKED_TENSORS[leaf]:
+        return f"dtype {t.dtype} stored, expected {_PACKED_TENSORS[leaf]}"
+    if leaf == "perm" and not torch.equal(torch.sort(t).values, torch.arange(t.numel())):
+        return f"not a permutation of 0..{t.numel() - 1}"
+    return None
+
+
+def _register_format() -> None:
+    from .layer_formats import LayerFormat, register_format
+
+    register_format(LayerFormat("packed", QuantLinear, _PACKED_FIELDS, _check_packed_metadata, _check_packed_tensor,
+                                lambda layer: not layer.qweight.is_meta))
+
+
+_register_format()

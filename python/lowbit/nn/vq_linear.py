@@ -434,3 +434,46 @@ class VQLinear(DenseCache, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
             f"stages={st}, incoherent={self.incoherent}, method={self.method}, bias={self.bias is not None}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# the stored format "vq" (lowbit.nn.layer_formats)
+
+_VQ_FIELDS: dict[str, tuple[type, ...]] = {
+    "in_features": (int,),
+    "out_features": (int,),
+    "dim": (int,),
+    "stages": (list,),
+    "incoherent": (bool,),
+    "bias": (bool,),
+    "method": (str,),
+}
+
+
+def _check_vq_metadata(meta: dict) -> None:
+    layer = VQLinear.from_metadata(meta, device="meta")
+    for s, spec in enumerate(meta["stages"]):
+        if spec.get("index_bits", layer.stage_specs[s]["index_bits"]) != layer.stage_specs[s]["index_bits"]:
+            raise ValueRangeError(f"stages[{s}].index_bits: {spec['index_bits']!r} does not fit k={spec.get('k')}")
+
+
+def _check_vq_tensor(layer: VQLinear, leaf: str, t: torch.Tensor, want: torch.Tensor) -> Optional[str]:
+    if leaf == "bias":
+        return None
+    if t.dtype != want.dtype:
+        return f"dtype {t.dtype} stored, expected {want.dtype}"
+    if leaf.startswith("rows") and t.numel():
+        r = t.long()
+        if int(r.min()) < 0 or int(r.max()) >= layer.out_features or not bool((r[1:] > r[:-1]).all()):
+            return f"row indices must be ascending and in 0..{layer.out_features - 1}"
+    return None
+
+
+def _register_format() -> None:
+    from .layer_formats import LayerFormat, register_format
+
+    register_format(LayerFormat("vq", VQLinear, _VQ_FIELDS, _check_vq_metadata, _check_vq_tensor,
+                                lambda layer: not layer.row_scale.is_meta))
+
+
+_register_format()
