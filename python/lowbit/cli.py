@@ -368,7 +368,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .recipe import weight_method_names
+    from .recipe import DEFAULT_PRESET, weight_method_names
 
     p = _Parser(prog="lowbit", description="Extremely low-bit quantization of LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -376,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
     q.add_argument("--model", required=True, help="'bundled' (SmolLM2-135M-Instruct) or a local HF folder")
-    q.add_argument("--recipe", default="w4-gptq", help="preset name (see `lowbit presets`)")
+    q.add_argument("--recipe", default=DEFAULT_PRESET, help=f"preset name (see `lowbit presets`; default {DEFAULT_PRESET})")
     q.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     q.add_argument("--bits", type=int, help="override the weight bits")
     q.add_argument("--group", type=int, help="override the group size (0 = per channel)")

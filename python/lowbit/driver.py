@@ -35,7 +35,7 @@ from .methods import HessianAccumulator
 from .methods.registry import weight_method
 from .models.adapters import get_adapter
 from .nn import attach_input_transform, input_transform_of
-from .recipe import ActQuant, KVQuant, Recipe, resolve
+from .recipe import DEFAULT_PRESET, ActQuant, KVQuant, Recipe, resolve
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize(
     model: nn.Module,
-    recipe: Any = "w4-gptq",
+    recipe: Any = DEFAULT_PRESET,
     calib: Optional[torch.Tensor] = None,
     *,
     batch_size: int = 8,

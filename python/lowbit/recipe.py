@@ -469,6 +469,10 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+DEFAULT_PRESET = "w4-gptq"
+"""The preset :func:`lowbit.quantize` and ``lowbit quantize`` use when none is given."""
+
+
 def resolve(recipe: Union[str, Recipe, WeightQuant, VectorQuant, Sequence[Any]], **overrides: Any) -> Recipe:
     """A :class:`Recipe` from a preset name, a recipe, one step, or a list of steps/dicts.
 
