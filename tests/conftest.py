@@ -34,14 +34,14 @@ def one_torch_thread():
 # every slow test module (tests/test_real_model*.py). The quality bounds are measured out of domain
 # (news, a domain the calibration mix does not contain); calibration is the built-in mix.
 REAL_EVAL_TOKENS = 4096
-REAL_CALIB = 32
+REAL_CALIB = 16  # 32 until 2026-12-02: halved to keep CI under its budget; bounds re-measured
 REAL_SEQLEN = 512
 
 
 @pytest.fixture(scope="session")
 def bundle():
     """``(model, tokenizer, ids, calib, fp)``: the bundled SmolLM2-135M, the first 4096 tokens of
-    the out-of-domain split ``(1, 4096)``, 32×512 calibration ids from the mix, FP perplexity on ids."""
+    the out-of-domain split ``(1, 4096)``, 16×512 calibration ids from the mix, FP perplexity on ids."""
     import torch
 
     from lowbit import data

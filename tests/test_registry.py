@@ -55,7 +55,7 @@ def test_a_method_registered_from_outside_runs_through_the_loop(monkeypatch):
         seen.append(W.shape)
         return UniformGrid(bits=step.bits, group_size=step.group_size).quantize_weight(W), float(H.diagonal().mean())
 
-    monkeypatch.setitem(registry._REGISTRY, "toy", registry.WeightMethod("toy", quantize, registry.weight_method("rtn").layer, needs=frozenset({"hessian"})))
+    monkeypatch.setitem(registry._REGISTRY._entries, "toy", registry.WeightMethod("toy", quantize, registry.weight_method("rtn").layer, needs=frozenset({"hessian"})))
     model = tiny_model("llama", seed=1)
     lowbit.quantize(model, WeightQuant("toy", 4, 32), random_ids(4, 16), progress=False)
     assert len(seen) == 14  # 7 linears x 2 layers

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .._registry import Registry
 from ..errors import ValueRangeError
 
 __all__ = ["WeightMethod", "register", "weight_method", "weight_methods", "NEEDS", "FAMILIES"]
@@ -57,19 +58,16 @@ class WeightMethod:
             raise ValueRangeError(f"needs: unknown requirement(s) {sorted(unknown)} of method {self.name!r}; known: {sorted(NEEDS)}")
 
 
-_REGISTRY: dict[str, WeightMethod] = {}
+def _load_builtin() -> None:
+    from . import gptq, ldlq, quip, rsavq, rtn  # noqa: F401  (each registers itself)
+
+
+_REGISTRY: Registry[WeightMethod] = Registry("weight method", _load_builtin)
 
 
 def register(method: WeightMethod) -> WeightMethod:
     """Add ``method`` under its name (a second registration of a name is an error)."""
-    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
-        raise ValueRangeError(f"name: a weight method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def _load_builtin() -> None:
-    from . import gptq, ldlq, quip, rsavq, rtn  # noqa: F401  (each registers itself)
+    return _REGISTRY.register(method)
 
 
 def weight_method(name: str) -> WeightMethod:
@@ -78,14 +76,12 @@ def weight_method(name: str) -> WeightMethod:
     Raises:
         ValueRangeError: no method of that name is registered (the message lists those that are).
     """
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueRangeError(f"method: unknown weight method {name!r}; registered: {tuple(_REGISTRY)}") from None
+    method = _REGISTRY.get(name)
+    if method is None:
+        raise ValueRangeError(f"method: unknown weight method {name!r}; registered: {tuple(_REGISTRY.all())}")
+    return method
 
 
 def weight_methods(family: Optional[str] = None) -> dict[str, WeightMethod]:
     """Every registered weight method (of ``family``, if given), by name, in registration order."""
-    _load_builtin()
-    return {n: m for n, m in _REGISTRY.items() if family is None or m.family == family}
+    return {n: m for n, m in _REGISTRY.all().items() if family is None or m.family == family}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import ValueRangeError
+from .._registry import Registry
 
 __all__ = ["LayerFormat", "register_format", "layer_format", "layer_formats", "format_of", "stored_layer_classes"]
 
@@ -45,40 +45,33 @@ class LayerFormat:
     has_data: Callable[[Any], bool]
 
 
-_FORMATS: dict[str, LayerFormat] = {}
-
-
-def register_format(fmt: LayerFormat) -> LayerFormat:
-    """Add ``fmt`` under its name (a second, different registration of a name is an error)."""
-    if fmt.name in _FORMATS and _FORMATS[fmt.name] is not fmt:
-        raise ValueRangeError(f"name: a layer format {fmt.name!r} is already registered")
-    _FORMATS[fmt.name] = fmt
-    return fmt
-
-
 def _load_builtin() -> None:
     from . import quant_linear, vq_linear  # noqa: F401  (each registers its format)
 
 
+_FORMATS: Registry[LayerFormat] = Registry("layer format", _load_builtin)
+
+
+def register_format(fmt: LayerFormat) -> LayerFormat:
+    """Add ``fmt`` under its name (a second, different registration of a name is an error)."""
+    return _FORMATS.register(fmt)
+
+
 def layer_formats() -> dict[str, LayerFormat]:
     """Every registered format, by name."""
-    _load_builtin()
-    return dict(_FORMATS)
+    return _FORMATS.all()
 
 
 def layer_format(name: Any) -> Optional[LayerFormat]:
     """The format called ``name``, or ``None``."""
-    _load_builtin()
-    return _FORMATS.get(name) if isinstance(name, str) else None
+    return _FORMATS.get(name)
 
 
 def format_of(module: nn.Module) -> Optional[LayerFormat]:
     """The format ``module`` is stored in, or ``None`` for a module that is not a stored layer."""
-    _load_builtin()
-    return next((f for f in _FORMATS.values() if isinstance(module, f.module)), None)
+    return next((f for f in _FORMATS.all().values() if isinstance(module, f.module)), None)
 
 
 def stored_layer_classes() -> tuple[type, ...]:
     """The classes of every registered format (what a checkpoint's layer entries build)."""
-    _load_builtin()
-    return tuple(f.module for f in _FORMATS.values())
+    return tuple(f.module for f in _FORMATS.all().values())
