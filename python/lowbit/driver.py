@@ -8,11 +8,16 @@ For a calibration batch ``(n, seqlen)``:
    ``2·XᵀX`` per group of linears sharing an input (q/k/v; o; gate/up; down), keeping the
    full-precision outputs (with ``true_sequential``, the default of :class:`WeightQuant`, only
    q/k/v's Hessian comes from this pass: each later group's is taken from the block with the
-   groups before it already quantized, the forward stopped at that group); quantize every linear with the recipe's method and swap in a packed
-   :class:`~lowbit.nn.QuantLinear` (or :class:`~lowbit.nn.VQLinear` for vector quantization); run the *quantized* layer to get the next layer's inputs (and
-   the layer's relative output error against the full-precision outputs);
-3. only one layer's activations and Hessians are alive at a time (RSAVQ also needs the diagonal
-   Fisher of every decoder linear, computed once up front from calibration gradients).
+   groups before it already quantized, the forward stopped at that group); quantize every linear
+   with the recipe's weight method and swap in the stored layer it makes; run the registered
+   hooks (between groups, after the block); run the *quantized* layer to get the next layer's
+   inputs (and the layer's relative output error against the full-precision outputs);
+3. only one layer's activations and Hessians are alive at a time (a method that needs the
+   diagonal Fisher gets it for every decoder linear, computed once up front from calibration
+   gradients).
+
+Every method — weights, rotations, KV cache — is looked up in :mod:`lowbit.methods.registry`;
+this module names none of them.
 
 The loop follows IST-DASLab's ``llama_sequential`` without its habits: configuration is passed
 explicitly, logging goes through :mod:`logging`, progress through tqdm.
@@ -32,7 +37,7 @@ from torch import nn
 from .errors import ShapeError
 from .eval import check_fits_model
 from .methods import HessianAccumulator
-from .methods.registry import weight_method
+from .methods.registry import kv_method, rotation_method, weight_method
 from .models.adapters import get_adapter
 from .nn import attach_input_transform, input_transform_of
 from .recipe import DEFAULT_PRESET, ActQuant, KVQuant, Recipe, resolve
@@ -140,17 +145,17 @@ def quantize(
 ) -> nn.Module:
     """Apply ``recipe`` to ``model`` in place, layer by layer where it quantizes weights, and return it.
 
-    The steps run in a fixed order: rotation (QuaRot / SpinQuant: norms folded, R1/R2 into the
-    weights, online R3/R4 attached), weights (RTN / GPTQ / LDLQ, packed into
-    :class:`~lowbit.nn.QuantLinear`), activations (a per-token quantizer on every decoder linear's
-    input), KV cache (a quantizer in every attention; KVQuant's is calibrated here).
+    The steps run in a fixed order: rotation (folded into the weights, online parts attached),
+    weights (each linear quantized by the registered method and replaced by its stored layer),
+    activations (a per-token quantizer on every decoder linear's input), KV cache (a quantizer
+    in every attention, calibrated here if its method calibrates).
 
     Args:
         model: a Hugging Face causal LM with a supported architecture (Llama, Qwen2, Mistral).
-        recipe: a preset name (``"w4-gptq"``, ``"w4a4kv4-quarot"``, …), a
+        recipe: a preset name (see :data:`lowbit.recipe.PRESETS`), a
             :class:`~lowbit.recipe.Recipe`, or steps.
         calib: ``(n, seqlen)`` int64 calibration token ids (see :func:`lowbit.data.calibration`);
-            required when a step needs data (GPTQ/LDLQ, SpinQuant, KVQuant).
+            required when a step needs data (``recipe.needs_calibration``).
         batch_size: calibration sequences per forward pass.
         calib_dtype: dtype of the weight-calibration forward passes (``None``: the model's). The
             weights are always quantized from the model's own (fp32) copy; ``torch.bfloat16`` runs
@@ -210,25 +215,10 @@ def quantize(
 
 
 def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress: bool) -> None:
-    from .methods.quarot import quarot
     from .methods.rotation import hadamard_summary
-    from .methods.spinquant import spinquant
 
-    r = recipe.rotation
-    if r.method == "quarot":
-        rot = quarot(model, seed=r.seed, online_qk=r.online_qk, online_down=r.online_down, adapter=adapter)
-    else:
-        act = recipe.activation.quantizer_config() if recipe.activation is not None else None
-        kv = None
-        if recipe.kv is not None and recipe.kv.method == "uniform":
-            kv = recipe.kv.quantizer_config(adapter.dims(model).head_dim)
-        res = spinquant(
-            model, calib, adapter=adapter, act=act, kv=kv, steps=r.steps, lr=r.lr, momentum=r.momentum,
-            seqlen=r.seqlen, batch_size=r.batch_size, seed=r.seed, online_qk=r.online_qk,
-            online_down=r.online_down, progress=progress,
-        )
-        rot = res.rotations
-        report.rotation_losses = res.losses
+    step = recipe.rotation
+    rot, report.rotation_losses = rotation_method(step.method).rotate(step, model, adapter, recipe, calib, progress)
     report.hadamards = hadamard_summary(model, rot, adapter)
     for name, plan in report.hadamards.items():
         if plan.startswith("fallback"):
@@ -247,14 +237,13 @@ def _attach_act_quant(model, adapter, step: ActQuant) -> None:
 
 
 def _install_kv(model, adapter, step: KVQuant, calib) -> None:
-    """Put a KV quantizer in every attention (keeping its R3 setting); calibrate KVQuant's."""
+    """Put a KV quantizer in every attention (keeping its R3 setting), then run the method's calibration."""
     from .nn.attention import install_model_attention
 
     install_model_attention(model, rotate_qk=None, kv=step.quantizer_config(adapter.dims(model).head_dim))
-    if step.method == "kvquant":
-        from .methods.kvquant import calibrate_kv
-
-        calibrate_kv(model, calib[: step.calib_samples], fisher=step.fisher, batch_size=1)
+    method = kv_method(step.method)
+    if method.calibrate is not None:
+        method.calibrate(step, model, calib)
 
 
 @torch.no_grad()

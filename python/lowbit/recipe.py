@@ -238,8 +238,10 @@ class Rotate:
     step: str = field(default="rotation", init=False)
 
     def __post_init__(self) -> None:
-        if self.method not in ("quarot", "spinquant"):
-            raise ValueRangeError(f"method: unknown rotation {self.method!r}; choose from ('quarot', 'spinquant')")
+        from .methods.registry import rotation_methods
+
+        if self.method not in rotation_methods():
+            raise ValueRangeError(f"method: unknown rotation {self.method!r}; choose from {tuple(rotation_methods())}")
         for name in ("steps", "seqlen", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
@@ -249,7 +251,9 @@ class Rotate:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "spinquant"
+        from .methods.registry import rotation_method
+
+        return rotation_method(self.method).needs_calibration
 
     def describe(self) -> str:
         online = "+".join(n for n, on in (("R3", self.online_qk), ("R4", self.online_down)) if on)
@@ -328,8 +332,10 @@ class KVQuant:
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, (2, 3, 4))
-        if self.method not in ("uniform", "kvquant"):
-            raise ValueRangeError(f"method: unknown KV method {self.method!r}; choose from ('uniform', 'kvquant')")
+        from .methods.registry import kv_methods
+
+        if self.method not in kv_methods():
+            raise ValueRangeError(f"method: unknown KV method {self.method!r}; choose from {tuple(kv_methods())}")
         _check_ratio(self.clip_ratio, "clip_ratio")
         _check_ratio(self.outlier_frac, "outlier_frac", 0.0, 0.5, lo_open=False)
         if isinstance(self.calib_samples, bool) or not isinstance(self.calib_samples, int) or self.calib_samples < 1:
@@ -341,7 +347,9 @@ class KVQuant:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "kvquant"
+        from .methods.registry import kv_method
+
+        return kv_method(self.method).needs_calibration
 
     def quantizer_config(self, head_dim: int) -> dict:
         """Keyword arguments of :class:`lowbit.nn.kv_quant.KVQuantizer` (less the head counts)."""

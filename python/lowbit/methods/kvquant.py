@@ -244,3 +244,18 @@ def kv_bytes_report(model: nn.Module) -> dict:
         "ratio": total / fp16,
         "bits_per_element": 16.0 * total / fp16,
     }
+
+
+def _calibrate(step, model, calib) -> None:
+    calibrate_kv(model, calib[: step.calib_samples], fisher=step.fisher, batch_size=1)
+
+
+def _register() -> None:
+    from .registry import KVMethod, register_kv
+
+    # the plain per-token quantizer (QuaRot's) needs no calibration; KVQuant fits its levels here
+    register_kv(KVMethod("uniform"))
+    register_kv(KVMethod("kvquant", _calibrate, needs_calibration=True))
+
+
+_register()

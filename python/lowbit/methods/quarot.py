@@ -49,3 +49,17 @@ def quarot(
     fuse_norms(model, adapter)
     apply_rotations(model, rot, adapter)
     return rot
+
+
+def _rotate(step, model, adapter, recipe, calib, progress):
+    rot = quarot(model, seed=step.seed, online_qk=step.online_qk, online_down=step.online_down, adapter=adapter)
+    return rot, []
+
+
+def _register() -> None:
+    from .registry import RotationMethod, register_rotation
+
+    register_rotation(RotationMethod("quarot", _rotate))
+
+
+_register()

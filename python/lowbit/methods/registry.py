@@ -28,7 +28,22 @@ from typing import Any, Callable, Optional
 from .._registry import Registry
 from ..errors import ValueRangeError
 
-__all__ = ["WeightMethod", "register", "weight_method", "weight_methods", "NEEDS", "FAMILIES"]
+__all__ = [
+    "WeightMethod",
+    "register",
+    "weight_method",
+    "weight_methods",
+    "NEEDS",
+    "FAMILIES",
+    "RotationMethod",
+    "register_rotation",
+    "rotation_method",
+    "rotation_methods",
+    "KVMethod",
+    "register_kv",
+    "kv_method",
+    "kv_methods",
+]
 
 #: what a method may ask the loop for
 NEEDS = frozenset({"hessian", "fisher"})
@@ -76,12 +91,91 @@ def weight_method(name: str) -> WeightMethod:
     Raises:
         ValueRangeError: no method of that name is registered (the message lists those that are).
     """
-    method = _REGISTRY.get(name)
-    if method is None:
-        raise ValueRangeError(f"method: unknown weight method {name!r}; registered: {tuple(_REGISTRY.all())}")
-    return method
+    return _lookup(_REGISTRY, name)
 
 
 def weight_methods(family: Optional[str] = None) -> dict[str, WeightMethod]:
     """Every registered weight method (of ``family``, if given), by name, in registration order."""
     return {n: m for n, m in _REGISTRY.all().items() if family is None or m.family == family}
+
+
+# ----------------------------------------------------------------------------------------------
+# rotations and KV-cache methods: the other steps a recipe can hold
+
+
+@dataclass(frozen=True)
+class RotationMethod:
+    """One registered rotation (the recipe's ``Rotate`` step names it by ``method``).
+
+    ``rotate(step, model, adapter, recipe, calib, progress) -> (rotations, losses)`` folds the
+    rotation into ``model`` in place and attaches its online parts; ``rotations`` is a
+    :class:`~lowbit.methods.rotation.Rotations`, ``losses`` the optimisation's per-step losses
+    (empty for a fixed rotation). It sees the whole ``recipe`` so that a learned rotation can
+    train against the activation and KV quantizers that follow it.
+    """
+
+    name: str
+    rotate: Callable[..., tuple[Any, list]]
+    needs_calibration: bool = False
+
+
+@dataclass(frozen=True)
+class KVMethod:
+    """One registered KV-cache method (the recipe's ``KVQuant`` step names it by ``method``).
+
+    The loop installs the step's quantizer in every attention; ``calibrate(step, model, calib)``,
+    if given, then fits it on calibration ids.
+    """
+
+    name: str
+    calibrate: Optional[Callable[..., None]] = None
+    needs_calibration: bool = False
+
+
+def _load_rotations() -> None:
+    from . import quarot, spinquant  # noqa: F401  (each registers itself)
+
+
+def _load_kv() -> None:
+    from . import kvquant  # noqa: F401  (registers the KV methods)
+
+
+_ROTATIONS: Registry[RotationMethod] = Registry("rotation", _load_rotations)
+_KV: Registry[KVMethod] = Registry("KV-cache method", _load_kv)
+
+
+def register_rotation(method: RotationMethod) -> RotationMethod:
+    """Add a rotation under its name."""
+    return _ROTATIONS.register(method)
+
+
+def register_kv(method: KVMethod) -> KVMethod:
+    """Add a KV-cache method under its name."""
+    return _KV.register(method)
+
+
+def rotation_methods() -> dict[str, RotationMethod]:
+    """Every registered rotation, by name."""
+    return _ROTATIONS.all()
+
+
+def kv_methods() -> dict[str, KVMethod]:
+    """Every registered KV-cache method, by name."""
+    return _KV.all()
+
+
+def rotation_method(name: str) -> RotationMethod:
+    """The rotation ``name`` (``ValueRangeError`` listing the registered ones if there is none)."""
+    return _lookup(_ROTATIONS, name)
+
+
+def kv_method(name: str) -> KVMethod:
+    """The KV-cache method ``name`` (``ValueRangeError`` listing the registered ones if there is none)."""
+    return _lookup(_KV, name)
+
+
+def _lookup(registry: Registry, name: str) -> Any:
+    entry = registry.get(name)
+    if entry is None:
+        raise ValueRangeError(f"method: unknown {registry.what} {name!r}; registered: {tuple(registry.all())}")
+    return entry

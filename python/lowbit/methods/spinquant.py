@@ -284,3 +284,26 @@ def spinquant(
     res = learn_rotations(model, calib, adapter=adapter, **kwargs)
     apply_rotations(model, res.rotations, adapter)
     return res
+
+
+def _rotate(step, model, adapter, recipe, calib, progress):
+    """SpinQuant against the recipe's own activation quantizer and (plain per-token) KV quantizer."""
+    act = recipe.activation.quantizer_config() if recipe.activation is not None else None
+    kv = None
+    if recipe.kv is not None and recipe.kv.method == "uniform":
+        kv = recipe.kv.quantizer_config(adapter.dims(model).head_dim)
+    res = spinquant(
+        model, calib, adapter=adapter, act=act, kv=kv, steps=step.steps, lr=step.lr, momentum=step.momentum,
+        seqlen=step.seqlen, batch_size=step.batch_size, seed=step.seed, online_qk=step.online_qk,
+        online_down=step.online_down, progress=progress,
+    )
+    return res.rotations, res.losses
+
+
+def _register() -> None:
+    from .registry import RotationMethod, register_rotation
+
+    register_rotation(RotationMethod("spinquant", _rotate, needs_calibration=True))
+
+
+_register()
