@@ -4,8 +4,9 @@ Bounds from the issue, FP measured in the same run (the `bundle` fixture: 4096 t
 out-of-domain split, calibration from the built-in mix):
 
 * KV only: KVQuant 4-bit ≤ 1.03 × FP and below plain per-token 4-bit; KVQuant 2-bit clearly better
-  than plain per-token 2-bit (the data-free counterpart). Measured (FP 32.70): kv4-kvquant 33.16,
-  kv4-uniform 36.37, kv2-kvquant 40.28, kv2-uniform 1131.
+  than plain per-token 2-bit (the data-free counterpart). Measured (FP 32.70, 2026-12-02):
+  kv4-kvquant 33.13, kv4-uniform 36.08, kv2-kvquant 40.36, kv2-uniform 1357; QuaRot A4KV4 59.15
+  against 6541 without rotation.
 * 4-bit activations and KV cache: QuaRot's gap to FP at most 1/5 of the gap without rotation.
   Weights stay in full precision here (W16A4KV4) to keep the slow set short; the full W4A4KV4 presets
   with GPTQ (and SpinQuant) are measured by ``benches/presets.py``.
