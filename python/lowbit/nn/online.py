@@ -13,6 +13,7 @@ the per-token activation quantizer.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -205,7 +206,13 @@ class InputTransform(nn.Module):
     def from_config(cls, cfg: dict) -> "InputTransform":
         if not isinstance(cfg, dict) or set(cfg) - {"hadamard", "act"}:
             raise ValueRangeError(f"input transform: expected {{'hadamard', 'act'}}, got {cfg!r}")
-        return cls(hadamard=bool(cfg.get("hadamard", False)), act=cfg.get("act"))
+        act = cfg.get("act")
+        if act is not None:
+            known = set(inspect.signature(ActQuantizer).parameters)
+            if not isinstance(act, dict) or set(act) - known:
+                # named here, with repr: Python's own TypeError would quote a hostile key raw
+                raise ValueRangeError(f"act: expected a dict with keys from {sorted(known)}, got {act!r}")
+        return cls(hadamard=bool(cfg.get("hadamard", False)), act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hadamard:
