@@ -273,10 +273,10 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
 
     bar = _progress(len(layers), progress, report.recipe)
     prefix = _layer_prefix(model, layers)
+    sequential = bool(getattr(step, "true_sequential", False))
     for li, layer in enumerate(layers):
         t0 = time.perf_counter()
         groups = adapter.linear_groups(layer)
-        sequential = bool(getattr(step, "true_sequential", False))
         accs = [HessianAccumulator(g[0][1].in_features) for g in groups]
         runner = _runner(layer, calib_dtype)
         hooks = [
@@ -411,10 +411,10 @@ def _swap_in(
     """Quantize ``lin`` with ``method`` (a registered :class:`~lowbit.methods.registry.WeightMethod`),
     put the stored layer it makes in its place, record its stats."""
     t = time.perf_counter()
-    qw, loss = method.quantize(step, lin.weight.detach().float(), hessian, fisher)
+    W = lin.weight.detach().float()
+    qw, loss = method.quantize(step, W, hessian, fisher)
     bias = lin.bias.detach() if lin.bias is not None else None
     ql: Any = method.layer().from_quantized(qw, bias)
-    W = lin.weight.detach().float()
     err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
     transform = input_transform_of(lin)
     if transform is not None:  # the online Hadamard / activation quantizer move to the new layer

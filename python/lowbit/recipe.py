@@ -26,8 +26,6 @@ from .errors import LowbitError, UnsupportedSizeError, ValueRangeError
 
 __all__ = ["WeightQuant", "VectorQuant", "Rotate", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
 
-METHODS = ("rtn", "gptq", "ldlq")
-"""The built-in :class:`WeightQuant` methods; :func:`weight_method_names` also has those registered since."""
 KINDS = ("uniform", "ternary", "binary")
 UNIFORM_BITS = (2, 3, 4, 8)
 
@@ -38,6 +36,13 @@ def weight_method_names(family: str) -> tuple[str, ...]:
     from .methods.registry import weight_methods
 
     return tuple(weight_methods(family))
+
+
+def _needs_hessian(method: str) -> bool:
+    """Whether the registered weight method ``method`` asks the loop for Hessians."""
+    from .methods.registry import weight_method
+
+    return "hessian" in weight_method(method).needs
 
 
 class UnknownRecipeError(LowbitError, ValueError):
@@ -101,12 +106,12 @@ class WeightQuant:
 
     @property
     def needs_hessian(self) -> bool:
-        return self.method != "rtn"
+        return _needs_hessian(self.method)
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "per-channel"
         w = {"ternary": "ternary", "binary": "binary"}.get(self.kind, f"W{self.bits} {'sym' if self.sym else 'asym'}")
-        extra = " act-order" if self.act_order and self.method != "rtn" else ""
+        extra = " act-order" if self.act_order and self.needs_hessian else ""
         return f"{self.method.upper()} {w} {g}{extra}"
 
     def to_dict(self) -> dict:
@@ -118,7 +123,6 @@ class WeightQuant:
         return cls(**d)
 
 
-VQ_METHODS = ("quip", "rsavq")
 QUIP_BITS = (2, 3, 4)
 
 
@@ -180,7 +184,9 @@ class VectorQuant:
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
                 raise ValueRangeError(f"{arg}: must be a {'non-negative' if zero_ok else 'positive'} int, got {v!r}")
 
-    needs_hessian = True
+    @property
+    def needs_hessian(self) -> bool:
+        return _needs_hessian(self.method)
 
     @property
     def vector_dim(self) -> int:

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
-from ..nn.layer_formats import format_of, layer_format, layer_formats, stored_layer_classes
+from ..nn.layer_formats import entry_format, format_of, layer_formats, stored_layer_classes
 from .publish import publish, seal, staging
 from .untrusted import check_folder_files, check_regular_file, read_json
 
@@ -573,7 +573,7 @@ def _check_layer_meta(name: str, meta: Any) -> None:
     where = f"quantization_config.layers[{name!r}]"
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: must be an object, got {type(meta).__name__}")
-    fmt = layer_format(meta.get("format", "packed"))
+    fmt = entry_format(meta)
     if fmt is None:
         known = ", ".join(repr(n) for n in layer_formats())
         raise CheckpointError(f"{where}.format: unknown layer format {meta.get('format')!r}; known: {known}")
@@ -640,7 +640,7 @@ def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) ->
             )
         if (old.bias is not None) != meta["bias"]:
             raise CheckpointError(f"{where}.bias: {meta['bias']} but the architecture's layer has bias={old.bias is not None}")
-        fmt: Any = layer_format(meta.get("format", "packed"))  # checked by _check_layer_meta
+        fmt: Any = entry_format(meta)  # checked by _check_layer_meta
         new = fmt.module.from_metadata(meta, device="meta", bias_dtype=dtype)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -725,7 +725,7 @@ def _assign(model: nn.Module, names: list[str], key: str, t: torch.Tensor, want:
     owner = model.get_submodule(mod_name) if mod_name else model
     fmt = format_of(owner)
     if tuple(t.shape) != tuple(want.shape):
-        hint = owner.stored_shape_hint(leaf) if fmt is not None and hasattr(owner, "stored_shape_hint") else ""
+        hint = fmt.shape_hint(owner, leaf) if fmt is not None and fmt.shape_hint is not None else ""
         raise CheckpointError(f"{key}: shape {tuple(t.shape)} in {WEIGHTS_NAME}, expected {tuple(want.shape)}{hint}")
     if fmt is not None and leaf != "bias":  # a stored layer's own tensors keep their dtypes
         problem = fmt.check_tensor(owner, leaf, t, want)

@@ -8,9 +8,11 @@ from .kv_quant import KVQuantizer, QuantizedKV
 from .online import ActQuantizer, InputTransform, attach_input_transform, input_transform_of, online_hadamard
 from .quant_linear import PackingFormat, QuantLinear, storage_bits
 from .vq_linear import VQLinear
+from .layer_formats import stored_layer_classes
 
-#: the layer classes that hold a quantized weight (``bits_per_weight``, ``cache_dequantized``, ``clear_cache``)
-QUANT_LINEARS = (QuantLinear, VQLinear)
+#: the layer classes that hold a quantized weight (``bits_per_weight``, ``cache_dequantized``,
+#: ``clear_cache``): those of the registered stored layer formats
+QUANT_LINEARS = stored_layer_classes()
 
 __all__ = [
     "PackingFormat",

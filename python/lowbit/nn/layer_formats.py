@@ -17,7 +17,7 @@ from torch import nn
 
 from .._registry import Registry
 
-__all__ = ["LayerFormat", "register_format", "layer_format", "layer_formats", "format_of", "stored_layer_classes"]
+__all__ = ["LayerFormat", "register_format", "layer_format", "layer_formats", "entry_format", "format_of", "stored_layer_classes"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class LayerFormat:
         check_tensor: ``(layer, leaf, tensor, want) -> None or message``: the stored ``tensor`` for
             ``layer``'s ``leaf`` (shape already checked against ``want``); a message says what is wrong.
         has_data: ``(layer) -> bool``: False for a layer on the meta device.
+        shape_hint: ``(layer, leaf) -> str``, optional: what a stored tensor's shape follows from,
+            appended to a checkpoint's shape error.
     """
 
     name: str
@@ -43,6 +45,7 @@ class LayerFormat:
     check_metadata: Callable[[dict], None]
     check_tensor: Callable[[Any, str, torch.Tensor, torch.Tensor], Optional[str]]
     has_data: Callable[[Any], bool]
+    shape_hint: Optional[Callable[[Any, str], str]] = None
 
 
 def _load_builtin() -> None:
@@ -65,6 +68,11 @@ def layer_formats() -> dict[str, LayerFormat]:
 def layer_format(name: Any) -> Optional[LayerFormat]:
     """The format called ``name``, or ``None``."""
     return _FORMATS.get(name)
+
+
+def entry_format(meta: dict) -> Optional[LayerFormat]:
+    """The format a checkpoint's metadata entry names (``"packed"`` when it names none), or ``None``."""
+    return layer_format(meta.get("format", "packed"))
 
 
 def format_of(module: nn.Module) -> Optional[LayerFormat]:

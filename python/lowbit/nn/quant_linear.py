@@ -480,7 +480,7 @@ def _register_format() -> None:
     from .layer_formats import LayerFormat, register_format
 
     register_format(LayerFormat("packed", QuantLinear, _PACKED_FIELDS, _check_packed_metadata, _check_packed_tensor,
-                                lambda layer: not layer.qweight.is_meta))
+                                lambda layer: not layer.qweight.is_meta, QuantLinear.stored_shape_hint))
 
 
 _register_format()
