@@ -123,7 +123,11 @@ def _quantize(step, W, H, fisher):
     return res.qweight, float(res.loss)
 
 
-from .registry import WeightMethod, register  # noqa: E402  (registration at import)
-from .rtn import quant_linear_class  # noqa: E402
+def _register() -> None:
+    from .registry import WeightMethod, register
+    from .rtn import quant_linear_class
 
-register(WeightMethod("gptq", _quantize, quant_linear_class, needs=frozenset({"hessian"})))
+    register(WeightMethod("gptq", _quantize, quant_linear_class, needs=frozenset({"hessian"})))
+
+
+_register()

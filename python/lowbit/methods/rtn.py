@@ -49,6 +49,10 @@ def _quantize(step, W, H, fisher):
     return rtn(W, step_grid(step)), None
 
 
-from .registry import WeightMethod, register  # noqa: E402  (registration at import)
+def _register() -> None:
+    from .registry import WeightMethod, register
 
-register(WeightMethod("rtn", _quantize, quant_linear_class))
+    register(WeightMethod("rtn", _quantize, quant_linear_class))
+
+
+_register()
