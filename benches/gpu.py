@@ -158,7 +158,7 @@ def matmul_rows(batches: list[int], shapes: list[tuple[int, int]], peak: float) 
                 nbytes = wbytes + (b * k + b * n) * 2
                 rows.append(dict(op=fmt[0], n=n, k=k, batch=b, us=t * 1e6, gbs=nbytes / t / 1e9,
                                  pct=100 * nbytes / t / 1e9 / peak, speedup=t16 / t, err=err))
-            del w16
+        del w16
         torch.cuda.empty_cache()
     return rows
 
