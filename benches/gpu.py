@@ -144,7 +144,7 @@ def matmul_rows(batches: list[int], shapes: list[tuple[int, int]], peak: float) 
             x = torch.randn(b, k, device="cuda", dtype=torch.float16)
             t16 = time_graph(lambda: F.linear(x, w16))
             bytes16 = n * k * 2 + (b * k + b * n) * 2
-            rows.append(dict(op=f"fp16 linear (torch)", n=n, k=k, batch=b, us=t16 * 1e6, gbs=bytes16 / t16 / 1e9,
+            rows.append(dict(op="fp16 linear (torch)", n=n, k=k, batch=b, us=t16 * 1e6, gbs=bytes16 / t16 / 1e9,
                              pct=100 * bytes16 / t16 / 1e9 / peak, speedup=1.0, err=0.0))
             for fmt in FORMATS:
                 w, wbytes = make_weight(fmt, n, k, "cuda")
