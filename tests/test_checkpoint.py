@@ -52,6 +52,9 @@ def tiny_model(arch: str = "llama", tie: bool = False, seed: int = 0):
             bias = None if mod.bias is None else mod.bias.detach() + 0.01 * i
             model.set_submodule(name, QuantLinear.from_quantized(qw, bias))
             i += 1
+    with torch.no_grad():  # the dense tensors are stored fp16: fp16-exact values keep the round trip bit-exact
+        for p in model.parameters():
+            p.copy_(p.half().float())
     return model
 
 

@@ -16,6 +16,7 @@ import lowbit
 from lowbit.models.tiny import TINY_ARCHS, random_ids, tiny_model
 from lowbit.methods.registry import weight_methods
 from lowbit.recipe import ActQuant, KVQuant, Rotate, VectorQuant, WeightQuant
+from lowbit.recipe import EmbedQuant
 
 pytest.importorskip("transformers")
 
@@ -70,3 +71,30 @@ def test_composition_saves_loads_and_generates(arch, rot, weight, act, kv, calib
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     gen = loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 12)
+
+
+# The embeddings/head step (EmbedQuant, after the weight step) with each kind of step around it, on
+# tied and untied models: a few cells (tests/test_embed_quant.py covers the step itself).
+EMBED_CELLS = [
+    ("llama", True, "none", "gptq", "none", "none"),
+    ("qwen2", False, "quarot", "gptq", "a4", "uniform"),
+    ("mistral", True, "spinquant", "quip", "a8", "kvquant"),
+]
+
+
+@pytest.mark.parametrize("arch,tied,rot,weight,act,kv", EMBED_CELLS, ids=["-".join(map(str, c)) for c in EMBED_CELLS])
+def test_embed_quant_composes(arch, tied, rot, weight, act, kv, calib, tmp_path):
+    from lowbit.nn.quant_embedding import QuantEmbedding, QuantHead
+
+    steps = [s for s in (ROTATIONS[rot], WEIGHTS[weight], EmbedQuant(8), ACTS[act], KVS[kv]) if s is not None]
+    model = lowbit.quantize(tiny_model(arch, seed=2, tie_word_embeddings=tied), steps, calib, progress=False)
+    ids = random_ids(2, 24, seed=3)
+    with torch.no_grad():
+        want = model(ids).logits
+    loaded = lowbit.load(lowbit.save(model, tmp_path / "ck"))
+    assert isinstance(loaded.model.embed_tokens, QuantEmbedding) and isinstance(loaded.lm_head, QuantHead)
+    assert (loaded.lm_head.tied_to is not None) == (tied and rot == "none")  # a rotation unties them first
+    with torch.no_grad():
+        got = loaded(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)

@@ -1,6 +1,6 @@
 """KV-cache quantization: KVQuantizer (uniform / KVQuant), packed QuantizedKVCache, lowbit attention
-forward (R3 + KV quantization) and KVQuant calibration (mirrors lowbit/nn/kv_quant.py, kv_cache.py,
-attention.py and lowbit/methods/kvquant.py)."""
+forward (R3 + KV quantization) and KVQuant calibration (mirrors lowbit/kv/, lowbit/nn/attention.py
+and lowbit/models/llama_attention.py). AKVQ-VL has its own file, tests/test_akvq.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowbit.errors import DTypeError, ShapeError, UnsupportedModelError, ValueRangeError
-from lowbit.methods.kvquant import calibrate_kv, kv_bytes_report
+from lowbit.kv import KVQuantizer, QuantizedKV, QuantizedKVCache, calibrate_kv, kv_bytes_report, levels_1d
 from lowbit.models.adapters import get_adapter
 from lowbit.models.tiny import TINY_ARCHS, random_ids, tiny_model
 from lowbit.nn.attention import (
@@ -23,8 +23,6 @@ from lowbit.nn.attention import (
     uninstall_attention,
     uninstall_model_attention,
 )
-from lowbit.nn.kv_cache import QuantizedKVCache
-from lowbit.nn.kv_quant import KVQuantizer, QuantizedKV, kmeans_1d
 
 H, D = 2, 16
 
@@ -168,11 +166,11 @@ def test_kmeans_matches_numpy_reference():
     g = torch.Generator().manual_seed(0)
     x = torch.tanh(torch.randn(3, 400, generator=g) * 0.7)
     w = torch.rand(3, 400, generator=g) ** 3
-    got = kmeans_1d(x, w, 4, iters=100)
+    got = levels_1d(x, w, 4, iters=100)
     for r in range(3):
         want = _np_kmeans(x[r].numpy(), w[r].numpy(), 4, 100)
         np.testing.assert_allclose(got[r].numpy(), want, rtol=0, atol=1e-5)
-    assert kmeans_1d(x[0], None, 8).shape == (8,)
+    assert levels_1d(x[0], None, 8).shape == (8,)
 
 
 def test_kmeans_not_worse_than_uniform():
@@ -186,7 +184,7 @@ def test_kmeans_not_worse_than_uniform():
         idx = torch.searchsorted(mids.contiguous(), x.contiguous())
         return (w * (x - lv.gather(1, idx)) ** 2).sum(1)
 
-    km = kmeans_1d(x, w, L)
+    km = levels_1d(x, w, L)
     uni = torch.linspace(-1, 1, L).expand(16, L).contiguous()
     assert bool((inertia(km) <= inertia(uni) + 1e-6).all())
     assert float(inertia(km).sum()) < 0.5 * float(inertia(uni).sum())

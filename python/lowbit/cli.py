@@ -75,6 +75,51 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+#: the files of a Hugging Face model folder that hold weights
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _source_bytes(spec) -> tuple[int, str]:
+    """``(bytes, what)`` of the source model on disk: the bundled GGUF the bundled model was
+    converted from, or the weight files of a Hugging Face folder."""
+    if str(spec) == "bundled":
+        from .models.loader import gguf_path
+
+        path = gguf_path()
+        return path.stat().st_size, path.name
+    files = [f for f in Path(spec).expanduser().rglob("*") if f.is_file() and f.suffix in _WEIGHT_SUFFIXES]
+    names = ", ".join(sorted(f.name for f in files)[:3]) + (", …" if len(files) > 3 else "")
+    return sum(f.stat().st_size for f in files), names or "no weight files"
+
+
+def _size_on_disk(out: Path, spec) -> str:
+    """The checkpoint's size on disk beside the source model's, e.g. ``57.3 MiB (source: 93.8 MiB
+    SmolLM2-135M-Instruct.Q4_1.gguf; 0.61×)``."""
+    ours = _dir_bytes(out)
+    src, what = _source_bytes(spec)
+    ratio = f"; {ours / src:.2f}×" if src else ""
+    return f"{_fmt_bytes(ours)} (source: {_fmt_bytes(src)} {what}{ratio})"
+
+
+def _vocab_storage(model) -> str:
+    """How the embeddings and the output head are stored (per-row quantized, or dense with the dtype
+    a checkpoint gives them)."""
+    from .io.checkpoint import dense_storage_dtype
+    from .models.adapters import get_adapter
+    from .nn.quant_embedding import QuantEmbedding, QuantHead
+
+    adapter = get_adapter(model)
+    parts = []
+    for what, mod in (("embeddings", adapter.embeddings(model)), ("head", adapter.lm_head(model))):
+        if isinstance(mod, (QuantEmbedding, QuantHead)):
+            tied = " (tied: the embeddings' codes)" if isinstance(mod, QuantHead) and mod.tied_to else ""
+            parts.append(f"{what} {mod.bits}-bit per-row{tied}")
+        else:
+            tied = " (tied)" if what == "head" and mod.weight is getattr(adapter.embeddings(model), "weight", None) else ""
+            parts.append(f"{what} {str(dense_storage_dtype(mod.weight)).removeprefix('torch.')}{tied}")
+    return ", ".join(parts)
+
+
 def _threads(n: Optional[int]) -> None:
     if n:
         import torch
@@ -146,7 +191,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         *[[f"Hadamard {k}", v] for k, v in report.hadamards.items()],
         ["activations", recipe.activation.describe() if recipe.activation is not None else "full precision"],
         ["KV cache per token", _kv_bytes(model, tok) if recipe.kv is not None else "fp32 (not quantized)"],
-        ["size on disk", _fmt_bytes(_dir_bytes(out))],
+        ["embeddings / head", _vocab_storage(model)],
+        ["size on disk", _size_on_disk(out, args.model)],
         ["load time", f"{t_load:.1f} s"],
         ["quantization time", f"{t_quant:.1f} s"],
         *[[f"  {k}", f"{v:.1f} s"] for k, v in report.stage_seconds.items()],

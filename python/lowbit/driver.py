@@ -36,8 +36,9 @@ from torch import nn
 
 from .errors import ShapeError
 from .eval import check_fits_model
+from .io.checkpoint import round_to_storage
 from .methods import HessianAccumulator
-from .methods.registry import kv_method, rotation_method, weight_method
+from .methods.registry import kv_method, post_weight_method, rotation_method, weight_method
 from .models.adapters import get_adapter
 from .nn import attach_input_transform, input_transform_of
 from .recipe import DEFAULT_PRESET, ActQuant, KVQuant, Recipe, resolve
@@ -147,8 +148,11 @@ def quantize(
 
     The steps run in a fixed order: rotation (folded into the weights, online parts attached),
     weights (each linear quantized by the registered method and replaced by its stored layer),
-    activations (a per-token quantizer on every decoder linear's input), KV cache (a quantizer
-    in every attention, calibrated here if its method calibrates).
+    the post-weight steps (the embeddings and head, :class:`~lowbit.recipe.EmbedQuant`), then the
+    unquantized parameters are rounded to the values a checkpoint stores
+    (:func:`lowbit.io.checkpoint.round_to_storage`, fp16), activations (a per-token quantizer on
+    every decoder linear's input), KV cache (a quantizer in every attention, calibrated here if
+    its method calibrates).
 
     Args:
         model: a Hugging Face causal LM with a supported architecture (Llama, Qwen2, Mistral).
@@ -202,6 +206,18 @@ def quantize(
                 if result is not None:
                     report.e2e_loss = result
                     report.stage_seconds["finetune_e2e"] = time.perf_counter() - t
+        for step in recipe.steps:  # whole-model steps registered to run after the weight step
+            post = post_weight_method(step)
+            if post is not None:
+                t = time.perf_counter()
+                stats = post.apply(step, model, adapter, calib) or []
+                secs = time.perf_counter() - t
+                for name, bits, err in stats:
+                    report.layers.append(LayerStats(name, step.method, bits, None, err, None, secs / len(stats)))
+                report.stage_seconds[step.step] = secs
+        # the unquantized parameters take the values a checkpoint stores (fp16), so that the
+        # in-memory model is the one lowbit.load gives back and the online steps calibrate on it
+        round_to_storage(model)
         if recipe.activation is not None:
             _attach_act_quant(model, adapter, recipe.activation)
         if recipe.kv is not None:

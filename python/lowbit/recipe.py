@@ -10,6 +10,8 @@ is just a recipe. Step kinds, applied in this order whatever order they are list
 * :class:`VectorQuant` — vector quantization instead: QuIP# (incoherence + BlockLDLQ + E8P lattice
   codebook) or RSAVQ (Fisher-guided learned codebooks with channel-wise bit allocation); it is the
   recipe's weight step, so a recipe has a WeightQuant or a VectorQuant, not both;
+* :class:`EmbedQuant` — per-row 4/6/8-bit quantization of the embeddings and the output head,
+  after the weight step (a tied pair stays tied, stored once);
 * :class:`ActQuant` — per-token quantization of every decoder linear's input;
 * :class:`KVQuant` — the KV cache: plain per-token (``"uniform"``) or KVQuant (per-channel pre-RoPE
   keys, learned non-uniform levels, dense-and-sparse outliers, attention sink).
@@ -24,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .errors import LowbitError, UnsupportedSizeError, ValueRangeError
 
-__all__ = ["WeightQuant", "VectorQuant", "Rotate", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
+__all__ = ["WeightQuant", "VectorQuant", "Rotate", "EmbedQuant", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
 
 KINDS = ("uniform", "ternary", "binary")
 UNIFORM_BITS = (2, 3, 4, 8)
@@ -310,15 +312,20 @@ class KVQuant:
 
     Attributes:
         bits: 2, 3 or 4.
-        method: ``"uniform"`` — keys (after RoPE and R3) and values per token, groups of
+        method: a registered KV method (:func:`lowbit.methods.registry.kv_methods`):
+            ``"uniform"`` — keys (after RoPE and R3) and values per token, groups of
             ``group_size`` in each head; ``"kvquant"`` — KVQuant: keys per channel before RoPE with a
             calibrated range, non-uniform levels learned by sensitivity-weighted k-means, the top
-            ``outlier_frac`` kept exact and sparse, values per token likewise.
+            ``outlier_frac`` kept exact and sparse, values per token likewise; ``"akvq"`` —
+            AKVQ-VL: Hadamard on keys (after RoPE) and values per head, per-token grid, the
+            ``salient_frac`` tokens drawing the most attention at prefill kept in fp16.
         group_size: per-token group width (``None`` = the head dim).
         sym: symmetric grid for the uniform method.
         clip_ratio: range shrink for the uniform method.
         outlier_frac: fraction kept in full precision (kvquant).
         sink_tokens: the first tokens (attention sinks) kept in fp16.
+        salient_frac: fraction of each prefill's tokens kept in fp16 by attention saliency
+            (akvq; ``None`` = the method's default, 2 %).
         fisher: weight the k-means by squared gradients of the loss (else unweighted).
         calib_samples: calibration sequences used to fit KVQuant's ranges and levels (the first
             ones of ``calib``; the paper uses 16).
@@ -331,6 +338,7 @@ class KVQuant:
     clip_ratio: float = 1.0
     outlier_frac: float = 0.01
     sink_tokens: int = 1
+    salient_frac: Optional[float] = None
     fisher: bool = True
     calib_samples: int = 16
     version: int = 1
@@ -350,6 +358,15 @@ class KVQuant:
             raise ValueRangeError(f"sink_tokens: must be a non-negative int, got {self.sink_tokens!r}")
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueRangeError(f"group_size: must be a positive int or None, got {self.group_size!r}")
+        if self.salient_frac is not None:
+            _check_ratio(self.salient_frac, "salient_frac", 0.0, 0.5, lo_open=False)
+        used = kv_methods()[self.method].step_options
+        for f in fields(self):
+            if f.name in _KV_METHOD_OPTIONS and f.name not in used and getattr(self, f.name) != f.default:
+                raise ValueRangeError(
+                    f"{f.name}: the {self.method!r} KV method does not use it (it reads {', '.join(used) or 'no option'} "
+                    f"besides bits, group_size and sink_tokens); leave it at {f.default!r}"
+                )
 
     @property
     def needs_calibration(self) -> bool:
@@ -358,30 +375,108 @@ class KVQuant:
         return kv_method(self.method).needs_calibration
 
     def quantizer_config(self, head_dim: int) -> dict:
-        """Keyword arguments of :class:`lowbit.nn.kv_quant.KVQuantizer` (less the head counts)."""
-        return {
-            "bits": self.bits,
-            "method": self.method,
-            "group_size": self.group_size or head_dim,
-            "sym": self.sym,
-            "clip_ratio": self.clip_ratio,
-            "outlier_frac": self.outlier_frac if self.method == "kvquant" else 0.0,
-            "sink_tokens": self.sink_tokens,
-        }
+        """Keyword arguments of :class:`lowbit.kv.KVQuantizer` (less the head counts): ``bits``,
+        ``method``, ``group_size``, ``sink_tokens`` and the options the method reads (set ones only)."""
+        from .methods.registry import kv_method
+
+        out = {"bits": self.bits, "method": self.method, "group_size": self.group_size or head_dim, "sink_tokens": self.sink_tokens}
+        for name in kv_method(self.method).step_options:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     def describe(self) -> str:
-        if self.method == "kvquant":
-            return f"KV{self.bits} KVQuant (pre-RoPE per-channel K, NUQ, {self.outlier_frac:.0%} sparse, sink {self.sink_tokens})"
-        return f"KV{self.bits} per-token {'sym' if self.sym else 'asym'}"
+        from .methods.registry import kv_method
+
+        describe = kv_method(self.method).describe
+        return describe(self) if describe is not None else f"KV{self.bits} {self.method}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-STEP_KINDS: dict[str, type] = {"rotation": Rotate, "weight": WeightQuant, "activation": ActQuant, "kv": KVQuant}
+#: the KVQuant fields only some methods read (each method's KVMethod.step_options lists its own)
+_KV_METHOD_OPTIONS = ("sym", "clip_ratio", "outlier_frac", "salient_frac")
+
+EMBED_TARGETS = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class EmbedQuant:
+    """Quantize the vocabulary matrices — the input embeddings and the output head — per row (one
+    fp16 scale, and zero point if asymmetric, per token row), once, after the weight step.
+
+    Stored as :class:`~lowbit.nn.quant_embedding.QuantEmbedding` / ``QuantHead`` (packed codes).
+    On the bundled model that matrix (49152 × 576, tied) is a fifth of the parameters but, stored
+    fp16, about half of a W4 checkpoint; ``benches/results/2026-12-02-embed-quant.md`` has the size
+    and the perplexity each width gives.
+
+    Attributes:
+        bits: 4, 6 or 8.
+        targets: which of ``"embed_tokens"`` and ``"lm_head"`` to quantize (the adapter's
+            embeddings and head). A tied model with both targets is quantized once and stays tied
+            (the head reads the embeddings' codes; stored once); with one target it is untied first
+            (``config.tie_word_embeddings`` becomes False) and the other keeps the dense matrix.
+        sym: constant zero point ``2^(bits−1)`` instead of an fp16 zero per row.
+        mse: search a clipped range per row (the uniform grid's MSE search, as ``WeightQuant.mse``).
+        method: the registered post-weight method (:func:`lowbit.methods.registry.post_weight_methods`;
+            ``"rtn"``, per-row round to nearest).
+    """
+
+    bits: int = 8
+    targets: tuple = EMBED_TARGETS
+    sym: bool = False
+    mse: bool = True
+    method: str = "rtn"
+    version: int = 1
+    step: str = field(default="embedding", init=False)
+
+    def __post_init__(self) -> None:
+        from .methods.registry import post_weight_methods
+
+        _check_bits(self.bits, (4, 6, 8))
+        targets = self.targets
+        if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
+            raise ValueRangeError(f"targets: must be a tuple of names from {EMBED_TARGETS}, got {targets!r}")
+        targets = tuple(targets)
+        unknown = [t for t in targets if t not in EMBED_TARGETS]
+        if not targets or unknown or len(set(targets)) != len(targets):
+            why = f"unknown target(s) {unknown}" if unknown else ("empty" if not targets else "a target listed twice")
+            raise ValueRangeError(f"targets: {why} in {targets!r}; choose from {EMBED_TARGETS}")
+        object.__setattr__(self, "targets", tuple(t for t in EMBED_TARGETS if t in targets))
+        for name in ("sym", "mse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueRangeError(f"{name}: must be a bool, got {getattr(self, name)!r}")
+        methods = post_weight_methods("embedding")
+        if self.method not in methods:
+            raise ValueRangeError(f"method: unknown embedding method {self.method!r}; choose from {tuple(methods)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        from .methods.registry import post_weight_methods
+
+        return post_weight_methods("embedding")[self.method].needs_calibration
+
+    def describe(self) -> str:
+        what = " + ".join({"embed_tokens": "embeddings", "lm_head": "head"}[t] for t in self.targets)
+        return f"{what} E{self.bits} per-row {'sym' if self.sym else 'asym'}{' MSE clip' if self.mse else ''}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmbedQuant":
+        return cls(**{k: v for k, v in d.items() if k != "step"})
+
+
+STEP_KINDS: dict[str, type] = {
+    "rotation": Rotate, "weight": WeightQuant, "embedding": EmbedQuant, "activation": ActQuant, "kv": KVQuant,
+}
 #: the classes a "weight" step can be (a stored VectorQuant is told apart by its method)
 WEIGHT_STEPS: tuple[type, ...] = (WeightQuant, VectorQuant)
-STEP_ORDER = ("rotation", "weight", "activation", "kv")
+STEP_ORDER = ("rotation", "weight", "embedding", "activation", "kv")
 
 
 def step_from_dict(d: dict, where: str = "step") -> Any:
@@ -428,6 +523,10 @@ class Recipe:
         return self._kind("rotation")
 
     @property
+    def embedding(self) -> Optional[EmbedQuant]:
+        return self._kind("embedding")
+
+    @property
     def activation(self) -> Optional[ActQuant]:
         return self._kind("activation")
 
@@ -457,6 +556,9 @@ PRESETS: dict[str, Recipe] = {
     "w3-rtn": Recipe((WeightQuant("rtn", 3, 64),), "w3-rtn"),
     "w2-rtn": Recipe((WeightQuant("rtn", 2, 32),), "w2-rtn"),
     "w4-gptq": Recipe((WeightQuant("gptq", 4, 64),), "w4-gptq"),
+    # the same with 8-bit per-row embeddings and head: 88.9 MiB on disk for the bundled model against
+    # 115.7 MiB with them fp16, perplexity within 0.3% (benches/results/2026-12-02-embed-quant.md)
+    "w4-gptq-e8": Recipe((WeightQuant("gptq", 4, 64), EmbedQuant(8)), "w4-gptq-e8"),
     # damp 0.01 at 3 bits: out of domain 1.987x FP against 2.076x at 0.1 (64x512 mix, 8192 news tokens)
     "w3-gptq": Recipe((WeightQuant("gptq", 3, 64, damp=0.01),), "w3-gptq"),
     "w2-gptq": Recipe((WeightQuant("gptq", 2, 32),), "w2-gptq"),
@@ -480,6 +582,7 @@ PRESETS: dict[str, Recipe] = {
     "kv2-kvquant": Recipe((KVQuant(2, "kvquant"),), "kv2-kvquant"),
     "kv4-uniform": Recipe((KVQuant(4, "uniform"),), "kv4-uniform"),
     "kv2-uniform": Recipe((KVQuant(2, "uniform"),), "kv2-uniform"),
+    "kv2-akvq": Recipe((KVQuant(2, "akvq"),), "kv2-akvq"),
 }
 
 

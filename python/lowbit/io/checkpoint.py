@@ -12,16 +12,28 @@ Layout of a checkpoint folder (format_version 2)::
                                  "model.layers.0.mlp.down_proj": {        # a VQLinear (QuIP#, RSAVQ)
                                      "format": "vq", "in_features", "out_features", "dim",
                                      "stages": [{"codebook", "k", "index_bits", "rows", "scale"}, ...],
-                                     "incoherent", "bias", "method"}, ...},
+                                     "incoherent", "bias", "method"},
+                                 "model.embed_tokens": {                  # a QuantEmbedding (EmbedQuant)
+                                     "format": "embedding", "num_embeddings", "embedding_dim", "bits",
+                                     "sym", "method", "packing"},
+                                 "lm_head": {"format": "head", "in_features", "out_features", "bits",
+                                     "sym", "method", "packing", "bias",
+                                     "tied_to"}, ...},                     # "model.embed_tokens" or null
                              "online": {                           # only when there are any
                                  "inputs": {"model.layers.0.mlp.down_proj": {"hadamard", "act"}, ...},
                                  "attention": {"model.layers.0.self_attn": {"rotate_qk", "kv"}, ...}}}
     model.safetensors    every tensor of ``model.state_dict()``, tied tensors once (the first name
-                         in state-dict order, e.g. ``model.embed_tokens.weight``); a quantized linear
+                         in state-dict order, e.g. ``model.embed_tokens.weight``); the unquantized
+                         parameters (embeddings, norms, biases, a dense ``lm_head``) in float16 —
+                         bfloat16 ones stay bfloat16, one whose finite values float16 cannot hold
+                         keeps its dtype (``save(dense_dtype=...)`` chooses otherwise) —, buffers
+                         (calibrated KV quantizers) in their own dtype; a quantized linear
                          ``W`` stores ``W.qweight`` (uint8), ``W.scales`` (fp16), ``W.zeros`` (fp16,
                          asymmetric), ``W.perm`` (int64, act-order), ``W.bias``; a vector-quantized
                          one ``W.codes{s}`` (uint8), ``W.table{s}`` (fp16), ``W.rows{s}`` (int32),
-                         ``W.row_scale`` (fp16), ``W.su``/``W.sv`` (uint8 sign bits); header metadata
+                         ``W.row_scale`` (fp16), ``W.su``/``W.sv`` (uint8 sign bits); a quantized
+                         embedding or untied head ``E.qweight`` (uint8), ``E.scales``/``E.zeros``
+                         (fp16, per row), a tied head nothing (it reads the embedding's); header metadata
                          ``{"format": "pt", "lowbit_format_version": "2",
                          "lowbit_description_sha256": ...}``
     tokenizer files      when a tokenizer was given (``tokenizer.save_pretrained``)
@@ -61,6 +73,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import stat
 import struct
@@ -71,7 +84,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, DTypeError, UnsupportedModelError
 from ..nn.layer_formats import entry_format, format_of, layer_formats, stored_layer_classes
 from .publish import publish, seal, staging
 from .untrusted import check_folder_files, check_regular_file, read_json
@@ -89,6 +102,9 @@ __all__ = [
     "read_quantization_config",
     "read_report",
     "check_replaceable",
+    "DENSE_DTYPES",
+    "dense_storage_dtype",
+    "round_to_storage",
 ]
 
 FORMAT_VERSION = 2
@@ -104,6 +120,7 @@ _DIGEST_KEY = "lowbit_description_sha256"
 _MAX_FEATURES = 1 << 24
 
 PathLike = Union[str, "os.PathLike[str]"]
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +164,7 @@ def save(
     tokenizer: Any = None,
     overwrite: bool = False,
     report: Optional[dict] = None,
+    dense_dtype: Optional[torch.dtype] = None,
 ) -> Path:
     """Write ``model`` (a transformers causal LM with :class:`QuantLinear` layers) to ``out_dir``.
 
@@ -163,6 +181,12 @@ def save(
             holds nothing but what a lowbit save wrote (its ``lowbit_manifest.json``) is replaced.
         report: JSON-serialisable statistics of the run (timings, errors) for ``lowbit_report.json``;
             kept out of ``config.json`` so that the other files are byte-identical across runs.
+        dense_dtype: the dtype of the unquantized parameters (embeddings, norms, biases, a dense
+            ``lm_head``) in ``model.safetensors``: ``None`` — float16, bfloat16 for a bfloat16
+            parameter —, ``torch.float16``, ``torch.bfloat16`` or ``torch.float32`` (exact for a
+            float32 model). A parameter with a finite value the chosen dtype cannot hold keeps its
+            own dtype (logged as a warning; see :func:`dense_storage_dtype`). Buffers (calibrated
+            quantizer state) and the stored layers' tensors keep their dtypes.
 
     Returns:
         ``out_dir`` as an absolute :class:`~pathlib.Path`.
@@ -172,7 +196,9 @@ def save(
             the save runs), or holds files lowbit did not write; a bad ``quantization_config``;
             a model that cannot be serialised or loaded back; the folder cannot be written (the
             message gives the OS reason: read-only, disk full, …). Nothing is left behind.
+        DTypeError: ``dense_dtype`` is not one of the above.
     """
+    dense_dtype = _check_dense_dtype(dense_dtype)
     out_dir = Path(os.path.abspath(out_dir))
     if quantization_config is None:
         recipe = getattr(model, "lowbit_recipe", None)
@@ -180,7 +206,7 @@ def save(
     config, digest = _config_json(model, quantization_config)
     if report is not None:
         _check_json("report", report)
-    tensors = _state_tensors(model)
+    tensors = _state_tensors(model, dense_dtype)
 
     if os.path.lexists(out_dir):
         if not overwrite:
@@ -276,8 +302,86 @@ def _online_config(model: nn.Module) -> dict:
     return out
 
 
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict, each shared tensor once (first name wins), contiguous on the CPU."""
+#: the dtypes :func:`save` takes as ``dense_dtype``
+DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_dense_dtype(dense_dtype: Any) -> Optional[torch.dtype]:
+    if dense_dtype is not None and dense_dtype not in DENSE_DTYPES:
+        raise DTypeError(f"dense_dtype: must be None or one of {DENSE_DTYPES}, got {dense_dtype!r}")
+    return dense_dtype
+
+
+def dense_storage_dtype(t: torch.Tensor, dense_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype the unquantized float parameter ``t`` is stored in by :func:`save`.
+
+    Args:
+        t: a float tensor of any shape (an embedding, norm, bias or dense head weight).
+        dense_dtype: ``None``, the default policy — bfloat16 for a bfloat16 tensor, float16 for every
+            other —, or one of :data:`DENSE_DTYPES` for every tensor.
+
+    Returns:
+        The chosen dtype; but ``t``'s own dtype when ``t`` holds a finite value that the chosen one
+        turns into ±inf (``|x| > 65504`` in float16): an overflow is never stored silently.
+    """
+    target = _wanted_dtype(t, dense_dtype)
+    if target == t.dtype or t.element_size() < torch.empty(0, dtype=target).element_size():
+        return target
+    if bool((torch.isfinite(t) & ~torch.isfinite(t.to(target))).any()):
+        return t.dtype
+    return target
+
+
+def _wanted_dtype(t: torch.Tensor, dense_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if dense_dtype is not None:
+        return dense_dtype
+    return torch.bfloat16 if t.dtype == torch.bfloat16 else torch.float16
+
+
+def _dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name → the unquantized float parameters (every alias of a tied one): all float parameters
+    but those of stored layers, except a stored layer's bias."""
+    out = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        fmt = format_of(mod)
+        for leaf, p in mod._parameters.items():
+            if p is not None and p.is_floating_point() and (fmt is None or leaf == "bias"):
+                out[f"{mod_name}.{leaf}" if mod_name else leaf] = p
+    return out
+
+
+@torch.no_grad()
+def round_to_storage(model: nn.Module, dense_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Round ``model``'s unquantized float parameters, in place, to the values :func:`save` stores
+    (:func:`dense_storage_dtype`), keeping their dtypes, so that ``load(save(model))`` gives the
+    same logits as ``model``. :func:`lowbit.quantize` ends with it.
+
+    Args:
+        model: any module; stored layers' own tensors and every buffer are left as they are.
+        dense_dtype: as :func:`save`'s.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        DTypeError: ``dense_dtype`` is not ``None`` or one of :data:`DENSE_DTYPES`.
+    """
+    dense_dtype = _check_dense_dtype(dense_dtype)
+    done: set[int] = set()
+    for p in _dense_parameters(model).values():
+        if id(p) in done or p.is_meta:
+            continue
+        done.add(id(p))
+        target = dense_storage_dtype(p, dense_dtype)
+        if target != p.dtype:
+            p.copy_(p.to(target))
+    return model
+
+
+def _state_tensors(model: nn.Module, dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The state dict, each shared tensor once (first name wins), contiguous on the CPU; the
+    unquantized parameters in their storage dtype (:func:`dense_storage_dtype`)."""
+    dense = _dense_parameters(model)
     seen: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -288,6 +392,12 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue  # tied to seen[key]
         seen[key] = name
         t = t.detach().to("cpu").contiguous()
+        if name in dense:
+            target, wanted = dense_storage_dtype(t, dense_dtype), _wanted_dtype(t, dense_dtype)
+            if target != wanted:
+                big = float(t[torch.isfinite(t)].abs().max())
+                log.warning("%s: finite values up to %.6g overflow %s; stored as %s instead", name, big, wanted, target)
+            t = t.to(target)
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # a view into a larger buffer: safetensors stores whole, unshared tensors
         out[name] = t
@@ -440,8 +550,9 @@ def load(path: PathLike, *, device: Any = "cpu", dtype: torch.dtype = torch.floa
 
     Args:
         device: where the model is placed.
-        dtype: float dtype of the unquantized parameters (embeddings, norms, biases, lm_head);
-            QuantLinear storage keeps its own dtypes (uint8 codes, fp16 scales/zeros).
+        dtype: float dtype of the unquantized parameters (embeddings, norms, biases, lm_head; stored
+            float16 by default, see :func:`save`'s ``dense_dtype``) and of a quantized embedding's
+            output; the stored layers keep their own dtypes (uint8 codes, fp16 scales/zeros).
 
     Returns:
         The model in eval mode.
@@ -556,14 +667,14 @@ def _read_config(path: Path) -> tuple[dict, dict]:
     return cfg, qc
 
 
-def _check_fields(where: str, meta: dict, fields: dict[str, tuple[type, ...]]) -> None:
+def _check_fields(where: str, meta: dict, fields: dict[str, tuple[type, ...]], sizes: tuple = ("in_features", "out_features")) -> None:
     for field, types in fields.items():
         if field not in meta:
             raise CheckpointError(f"{where}.{field}: missing")
         v = meta[field]
         if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
             raise CheckpointError(f"{where}.{field}: must be {'/'.join(t.__name__ for t in types)}, got {v!r}")
-    for field in ("in_features", "out_features"):  # sizes bound before any module is built from them
+    for field in sizes:  # sizes bound before any module is built from them
         if not 1 <= meta[field] <= _MAX_FEATURES:
             raise CheckpointError(f"{where}.{field}: must be in [1, {_MAX_FEATURES}], got {meta[field]!r}")
 
@@ -577,7 +688,7 @@ def _check_layer_meta(name: str, meta: Any) -> None:
     if fmt is None:
         known = ", ".join(repr(n) for n in layer_formats())
         raise CheckpointError(f"{where}.format: unknown layer format {meta.get('format')!r}; known: {known}")
-    _check_fields(where, meta, fmt.fields)
+    _check_fields(where, meta, fmt.fields, fmt.size_fields)
     try:
         fmt.check_metadata(meta)
     except (ValueError, TypeError) as e:
@@ -628,23 +739,27 @@ def _module(model: nn.Module, name: str, where: str) -> nn.Module:
 
 
 def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) -> None:
+    """Replace each architecture module a ``layers`` entry names by an empty stored layer (its
+    format says what it may replace), then run the formats' ``link`` hooks (a tied head)."""
+    installed = []
     for name, meta in layers.items():
         where = f"quantization_config.layers[{name!r}]"
         old = _module(model, name, where)
-        if not isinstance(old, nn.Linear):
-            raise CheckpointError(f"{where}: {name!r} is a {type(old).__name__}, not a Linear")
-        if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
-            raise CheckpointError(
-                f"{where}: (in, out) = {(meta['in_features'], meta['out_features'])} but the architecture has "
-                f"{(old.in_features, old.out_features)}"
-            )
-        if (old.bias is not None) != meta["bias"]:
-            raise CheckpointError(f"{where}.bias: {meta['bias']} but the architecture's layer has bias={old.bias is not None}")
         fmt: Any = entry_format(meta)  # checked by _check_layer_meta
+        problem = fmt.replaces(name, old, meta)
+        if problem:
+            raise CheckpointError(f"{where}: {problem}")
         new = fmt.module.from_metadata(meta, device="meta", bias_dtype=dtype)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
+        installed.append((where, fmt, new, meta))
+    for where, fmt, new, meta in installed:
+        if fmt.link is not None:
+            try:
+                fmt.link(model, new, meta)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{where}: {e}") from None
 
 
 def _install_online(model: nn.Module, online: Any) -> None:

@@ -18,6 +18,9 @@ Hooks, all optional, in the order the loop calls them:
   block's linears are quantized, before its outputs feed the next block (block reconstruction).
 * ``after_model(step, model, calib, calib_dtype) -> (before, after) or None`` — once, after the
   loop (end-to-end tuning, QAT).
+
+Whole-model steps that run once after the weight step (the embeddings' and head's ``EmbedQuant``)
+register a :class:`PostWeightMethod` under their step kind; the loop finds them by the step.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ __all__ = [
     "register_kv",
     "kv_method",
     "kv_methods",
+    "PostWeightMethod",
+    "register_post_weight",
+    "post_weight_method",
+    "post_weight_methods",
 ]
 
 #: what a method may ask the loop for
@@ -123,13 +130,18 @@ class RotationMethod:
 class KVMethod:
     """One registered KV-cache method (the recipe's ``KVQuant`` step names it by ``method``).
 
-    The loop installs the step's quantizer in every attention; ``calibrate(step, model, calib)``,
-    if given, then fits it on calibration ids.
+    The loop installs the step's quantizer (the :class:`~lowbit.kv.base.KVQuantizer` subclass
+    registered under the same name) in every attention; ``calibrate(step, model, calib)``, if
+    given, then fits it on calibration ids. ``step_options`` are the ``KVQuant`` fields the method
+    reads besides ``bits``, ``group_size`` and ``sink_tokens`` (a step that sets another one away
+    from its default is refused when the recipe is built); ``describe(step)`` the summary line.
     """
 
     name: str
     calibrate: Optional[Callable[..., None]] = None
     needs_calibration: bool = False
+    step_options: tuple[str, ...] = ()
+    describe: Optional[Callable[[Any], str]] = None
 
 
 def _load_rotations() -> None:
@@ -137,7 +149,9 @@ def _load_rotations() -> None:
 
 
 def _load_kv() -> None:
-    from . import kvquant  # noqa: F401  (registers the KV methods)
+    from ..kv import base
+
+    base._load_builtin()  # each KV method file registers its quantizer class and its KVMethod
 
 
 _ROTATIONS: Registry[RotationMethod] = Registry("rotation", _load_rotations)
@@ -178,4 +192,59 @@ def _lookup(registry: Registry, name: str) -> Any:
     entry = registry.get(name)
     if entry is None:
         raise ValueRangeError(f"method: unknown {registry.what} {name!r}; registered: {tuple(registry.all())}")
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# post-weight steps: whole-model steps that run once after the weight step (EmbedQuant)
+
+
+@dataclass(frozen=True)
+class PostWeightMethod:
+    """One registered post-weight method: a recipe step of kind ``kind`` whose ``method`` field is
+    ``name`` (e.g. ``EmbedQuant``: kind ``"embedding"``, method ``"rtn"``).
+
+    The loop calls ``apply(step, model, adapter, calib) -> [(module name, bits per weight,
+    relative weight error), ...] or None`` once, after the weight step (and its ``after_model``
+    hook), before activation and KV-cache steps; it changes ``model`` in place (swapping in stored
+    layers) and its result becomes rows of the run report.
+    """
+
+    name: str
+    kind: str
+    apply: Callable[..., Optional[list]]
+    needs_calibration: bool = False
+
+
+def _load_post_weight() -> None:
+    from . import embed_quant  # noqa: F401  (registers itself)
+
+
+_POST_WEIGHT: Registry[PostWeightMethod] = Registry("post-weight method", _load_post_weight)
+
+
+def register_post_weight(method: PostWeightMethod) -> PostWeightMethod:
+    """Add a post-weight method under its name (a second registration of a name is an error)."""
+    return _POST_WEIGHT.register(method)
+
+
+def post_weight_methods(kind: Optional[str] = None) -> dict[str, PostWeightMethod]:
+    """Every registered post-weight method (of step kind ``kind``, if given), by name."""
+    return {n: m for n, m in _POST_WEIGHT.all().items() if kind is None or m.kind == kind}
+
+
+def post_weight_method(step: Any) -> Optional[PostWeightMethod]:
+    """The post-weight method that runs the recipe step ``step``, or ``None`` when no post-weight
+    method is registered for its kind (``step.step``: a rotation, weight, activation or KV step).
+
+    Raises:
+        ValueRangeError: the kind has post-weight methods but none called ``step.method``.
+    """
+    kind = getattr(step, "step", None)
+    methods = post_weight_methods(kind)
+    if not methods:
+        return None
+    entry = methods.get(getattr(step, "method", None))
+    if entry is None:
+        raise ValueRangeError(f"method: unknown {kind} method {getattr(step, 'method', None)!r}; registered: {tuple(methods)}")
     return entry

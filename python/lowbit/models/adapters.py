@@ -94,6 +94,9 @@ class Adapter:
     """The config keys a checkpoint may set for this architecture (the allow-list), with their types."""
     layers_path: ClassVar[str] = "model.layers"
     """Where the decoder layers are, as a state-dict prefix."""
+    attention_module: ClassVar[str] = "lowbit.models.llama_attention"
+    """The module holding this architecture's lowbit attention forward (``lowbit_attention_forward``,
+    with ``check_attention``): the RoPE point, the projections, the attention call."""
     groups: ClassVar[tuple[tuple[str, ...], ...]] = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.o_proj",),
@@ -120,6 +123,15 @@ class Adapter:
     def rotary(self, model: Any) -> nn.Module:
         """The rotary position embedding module shared by all layers."""
         return model.model.rotary_emb
+
+    def attention_forward(self) -> Any:
+        """``(forward, check)``: the lowbit attention forward of this architecture (bound to each
+        attention module by :func:`lowbit.nn.attention.install_attention`) and the check that a
+        module is an attention it can drive."""
+        import importlib
+
+        mod = importlib.import_module(self.attention_module)
+        return mod.lowbit_attention_forward, mod.check_attention
 
     def attention(self, layer: Any) -> Any:
         """A decoder layer's self-attention module (holds q/k/v/o_proj)."""

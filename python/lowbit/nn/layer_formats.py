@@ -1,5 +1,7 @@
 """Stored layer formats: the registry that a checkpoint's ``quantization_config.layers[*].format``
-names (``"packed"``: :class:`~lowbit.nn.QuantLinear`, ``"vq"``: :class:`~lowbit.nn.VQLinear`).
+names (``"packed"``: :class:`~lowbit.nn.QuantLinear`, ``"vq"``: :class:`~lowbit.nn.VQLinear`,
+``"embedding"`` / ``"head"``: :class:`~lowbit.nn.quant_embedding.QuantEmbedding` /
+:class:`~lowbit.nn.quant_embedding.QuantHead`, the per-row quantized vocabulary matrices).
 
 Each layer file registers its format at import: the module class, the typed fields of its
 metadata entry, a check of an entry beyond the field types, and a check of each stored tensor.
@@ -16,8 +18,37 @@ import torch
 from torch import nn
 
 from .._registry import Registry
+from ..errors import ValueRangeError
 
-__all__ = ["LayerFormat", "register_format", "layer_format", "layer_formats", "entry_format", "format_of", "stored_layer_classes"]
+__all__ = [
+    "LayerFormat",
+    "ROLES",
+    "register_format",
+    "layer_format",
+    "layer_formats",
+    "entry_format",
+    "format_of",
+    "stored_layer_classes",
+    "replaces_linear",
+]
+
+
+ROLES = ("linear", "vocab")
+
+
+def replaces_linear(name: str, old: nn.Module, meta: dict) -> Optional[str]:
+    """``None`` if ``old`` is an ``nn.Linear`` with the entry's ``in_features``, ``out_features``
+    and ``bias``, else what differs (the default :attr:`LayerFormat.replaces`)."""
+    if not isinstance(old, nn.Linear):
+        return f"{name!r} is a {type(old).__name__}, not a Linear"
+    if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
+        return (
+            f"(in, out) = {(meta['in_features'], meta['out_features'])} but the architecture has "
+            f"{(old.in_features, old.out_features)}"
+        )
+    if (old.bias is not None) != meta["bias"]:
+        return f"bias: {meta['bias']} but the architecture's layer has bias={old.bias is not None}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,6 +68,17 @@ class LayerFormat:
         has_data: ``(layer) -> bool``: False for a layer on the meta device.
         shape_hint: ``(layer, leaf) -> str``, optional: what a stored tensor's shape follows from,
             appended to a checkpoint's shape error.
+        replaces: ``(name, old, meta) -> None or message``: whether the architecture's module
+            ``old`` (built from the config) is what an entry ``meta`` for ``name`` may replace; a
+            message says why not. Default :func:`replaces_linear` (an ``nn.Linear`` of the entry's
+            ``in_features``/``out_features``/``bias``).
+        link: ``(model, layer, meta) -> None``, optional: called once every layer of a checkpoint is
+            installed, for a layer that shares another's storage (a head tied to the embeddings);
+            raises ``ValueError``/``TypeError`` with a message naming the field.
+        size_fields: the integer metadata fields that are sizes, bounded by the checkpoint reader
+            before any module is built from them.
+        role: ``"linear"`` for a decoder linear (what :data:`lowbit.nn.QUANT_LINEARS` and the
+            online input transforms take), ``"vocab"`` for the embeddings and the output head.
     """
 
     name: str
@@ -46,10 +88,18 @@ class LayerFormat:
     check_tensor: Callable[[Any, str, torch.Tensor, torch.Tensor], Optional[str]]
     has_data: Callable[[Any], bool]
     shape_hint: Optional[Callable[[Any, str], str]] = None
+    replaces: Callable[[str, nn.Module, dict], Optional[str]] = replaces_linear
+    link: Optional[Callable[[nn.Module, Any, dict], None]] = None
+    size_fields: tuple = ("in_features", "out_features")
+    role: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueRangeError(f"role: {self.role!r} of layer format {self.name!r} is not one of {ROLES}")
 
 
 def _load_builtin() -> None:
-    from . import quant_linear, vq_linear  # noqa: F401  (each registers its format)
+    from . import quant_embedding, quant_linear, vq_linear  # noqa: F401  (each registers its format)
 
 
 _FORMATS: Registry[LayerFormat] = Registry("layer format", _load_builtin)
@@ -80,6 +130,7 @@ def format_of(module: nn.Module) -> Optional[LayerFormat]:
     return next((f for f in _FORMATS.all().values() if isinstance(module, f.module)), None)
 
 
-def stored_layer_classes() -> tuple[type, ...]:
-    """The classes of every registered format (what a checkpoint's layer entries build)."""
-    return tuple(f.module for f in _FORMATS.all().values())
+def stored_layer_classes(role: Optional[str] = "linear") -> tuple[type, ...]:
+    """The classes of the registered formats of ``role`` (``"linear"``: the decoder linears,
+    ``"vocab"``: embeddings and head; ``None``: every format), what a checkpoint's entries build."""
+    return tuple(f.module for f in _FORMATS.all().values() if role is None or f.role == role)
