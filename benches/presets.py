@@ -12,7 +12,7 @@ out-of-domain (news), FP measured in the same run. Calibration: the built-in mul
 (``--calib-parts`` picks parts, ``--calib-data PATH`` takes your own text), passes in bfloat16 where
 the CPU has it natively (as the CLI does). Writes
 ``benches/results/<date>-presets[-TAG].{json,md}``. The KV column is the bytes the packed cache
-(:class:`lowbit.nn.kv_cache.QuantizedKVCache`) really holds per token after a 512-token prefill,
+(:class:`lowbit.kv.cache.QuantizedKVCache`) really holds per token after a 512-token prefill,
 beside the fp16 cache's.
 """
 
@@ -105,7 +105,7 @@ def main() -> int:
         act = f"A{recipe.activation.bits}" if recipe.activation is not None else "fp32"
         kv = "fp32"
         if recipe.kv is not None:
-            from lowbit.nn.kv_cache import QuantizedKVCache
+            from lowbit.kv.cache import QuantizedKVCache
 
             cache = QuantizedKVCache(q)
             with torch.no_grad():

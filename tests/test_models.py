@@ -1,15 +1,20 @@
 """lowbit.models: adapters on tiny Llama / Qwen2 / Mistral, loader errors, the bundled model (slow)."""
 
 import importlib.util
+import io
 import math
 import os
+import re
+import tokenize
+from pathlib import Path
 
 import pytest
 import torch
 
+import lowbit
 from lowbit import data
 from lowbit import eval as lbeval
-from lowbit.errors import CheckpointError, DTypeError, LowbitError, UnsupportedModelError
+from lowbit.errors import CheckpointError, DTypeError, LowbitError, UnsupportedModelError, ValueRangeError
 from lowbit.models import (
     get_adapter,
     loader,
@@ -19,7 +24,7 @@ from lowbit.models import (
     supported_model_types,
     tiny_model,
 )
-from lowbit.models.adapters import LlamaAdapter, MistralAdapter, Qwen2Adapter
+from lowbit.models.adapters import ROLES, LlamaAdapter, MistralAdapter, Qwen2Adapter
 
 ARCHS = {"llama": LlamaAdapter, "qwen2": Qwen2Adapter, "mistral": MistralAdapter}
 NAMES = [
@@ -99,6 +104,113 @@ def test_linear_groups_follow_execution_order(arch_model):
     for g in NAMES:
         for n in g[1:]:
             assert torch.equal(inputs[n], inputs[g[0]])
+
+
+# role -> (path in the layer, (out, in) in the tiny configs)
+ROLE_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def test_adapter_roles_return_the_layers_linears(arch_model):
+    _, model = arch_model
+    ad = get_adapter(model)
+    assert ROLES == tuple(ROLE_LINEARS)
+    assert [list(g) for g in ad.groups] == NAMES
+    assert [[ad.linear_name(r) for r in g] for g in ad.group_roles] == NAMES
+    for layer in ad.decoder_layers(model):
+        assert ad.attention(layer) is layer.self_attn
+        for role, path in ROLE_LINEARS.items():
+            lin = ad.linear(layer, role)
+            assert isinstance(lin, torch.nn.Linear) and lin is layer.get_submodule(path)
+            assert tuple(lin.weight.shape) == SHAPES[path]
+        assert ad.linears(layer, ("v", "o", "down")) == [layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.down_proj]
+        readers = ad.residual_readers(layer)
+        assert [norm for norm, _ in readers] == [layer.input_layernorm, layer.post_attention_layernorm]
+        assert [lins for _, lins in readers] == [
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+            [layer.mlp.gate_proj, layer.mlp.up_proj],
+        ]
+        assert all(lin.in_features == 64 for _, lins in readers for lin in lins)  # the residual width
+        assert ad.residual_writers(layer) == [layer.self_attn.o_proj, layer.mlp.down_proj]
+        assert all(lin.out_features == 64 for lin in ad.residual_writers(layer))
+        # every linear of the layer is in exactly one role
+        linears = {id(m) for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+        assert linears == {id(ad.linear(layer, r)) for r in ROLES}
+    for bad in ("q_proj", "Q", None):
+        with pytest.raises(ValueRangeError, match="role"):
+            ad.linear(ad.decoder_layers(model)[0], bad)
+
+
+def test_adapter_roles_are_checked_when_subclassing():
+    from lowbit.models.adapters import Adapter
+
+    with pytest.raises(TypeError, match="every role"):
+        type("Bad", (Adapter,), {"group_roles": (("q", "k", "v"), ("o",), ("gate", "up"))})
+    renamed = type("Renamed", (Adapter,), {"role_paths": {**Adapter.role_paths, "down": "mlp.w2"}})
+    assert renamed.groups[-1] == ("mlp.w2",) and Adapter.groups[-1] == ("mlp.down_proj",)
+
+
+# Module names only the adapters may spell (issue 15 §3: adapters own the architecture).
+_ARCH_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "self_attn")
+_ARCH_STRING = re.compile(r"\b(?:" + "|".join(_ARCH_NAMES) + r")\b|(?:^|\.)mlp(?:\.|$)")
+
+
+def _architecture_names(source: str) -> list[tuple[int, str]]:
+    """``[(line, token)]``: the names and string literals of ``source`` that spell an architecture's
+    module (``q_proj``, ..., ``self_attn``, an attribute ``.mlp``, a string path ``"mlp.…"``).
+    Comments and docstrings (a string that is a statement by itself) do not count."""
+    toks = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in (tokenize.NL, tokenize.COMMENT)]
+    hits = []
+    string_types = {tokenize.STRING} | ({tokenize.FSTRING_MIDDLE} if hasattr(tokenize, "FSTRING_MIDDLE") else set())
+    starts = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
+    for i, t in enumerate(toks):
+        if t.type == tokenize.NAME:
+            if t.string in _ARCH_NAMES or (t.string == "mlp" and i > 0 and toks[i - 1].string == "."):
+                hits.append((t.start[0], t.string))
+        elif t.type in string_types:
+            statement = t.type == tokenize.STRING and (i == 0 or toks[i - 1].type in starts) and (
+                i + 1 == len(toks) or toks[i + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER)
+            )
+            if not statement and _ARCH_STRING.search(t.string.strip("\"'rbuRBUfF")):
+                hits.append((t.start[0], t.string))
+    return hits
+
+
+def test_architecture_name_scanner():
+    src = '''"""Module docstring: self_attn.q_proj is fine here."""
+def f(layer, adapter):
+    """A docstring naming mlp.down_proj."""
+    # a comment: layer.mlp.down_proj
+    a = layer.self_attn.k_proj
+    b = layer.get_submodule("mlp.up_proj")
+    c = layer.mlp
+    d = getattr(layer, "mlp")
+    e = f"{layer}.o_proj"
+    mlp = adapter.linear(layer, "down")  # a local name is fine
+    return "the mlp norm", mlp
+'''
+    assert _architecture_names(src) == [
+        (5, "self_attn"), (5, "k_proj"), (6, '"mlp.up_proj"'), (7, "mlp"), (8, '"mlp"'), (9, 'f"{layer}.o_proj"'),
+    ]
+
+
+def test_only_the_adapters_spell_architecture_module_names():
+    pkg = Path(lowbit.__file__).resolve().parent
+    models = pkg / "models"
+    offenders = []
+    for path in sorted(pkg.rglob("*.py")):
+        if models in path.parents:
+            continue
+        for line, tok in _architecture_names(path.read_text(encoding="utf-8")):
+            offenders.append(f"{path.relative_to(pkg.parent)}:{line}: {tok}")
+    assert not offenders, "ask the adapter (Adapter.linear(layer, role), ...) instead of:\n" + "\n".join(offenders)
 
 
 def test_tiny_model_seed_and_tying():

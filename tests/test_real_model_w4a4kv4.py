@@ -19,7 +19,7 @@ import torch
 
 import lowbit
 from lowbit.eval import perplexity
-from lowbit.nn.kv_cache import QuantizedKVCache
+from lowbit.kv.cache import QuantizedKVCache
 from lowbit.recipe import ActQuant, KVQuant, Rotate
 
 pytestmark = pytest.mark.slow

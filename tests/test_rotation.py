@@ -257,7 +257,7 @@ def test_spinquant_keeps_the_rotation_with_the_lowest_held_out_loss():
 
 def test_spinquant_learning_restores_a_calibrated_kv_quantizer():
     from lowbit.nn.attention import install_model_attention
-    from lowbit.methods.kvquant import calibrate_kv
+    from lowbit.kv.calibrate import calibrate_kv
 
     model = tiny_model("llama", seed=6)
     fuse_norms(model)

@@ -12,7 +12,7 @@ from lowbit.errors import ShapeError, UnsupportedSizeError, ValueRangeError
 from lowbit.models.tiny import TINY_ARCHS, random_ids, tiny_model
 from lowbit.nn import QuantLinear, input_transform_of
 from lowbit.nn.attention import attention_config
-from lowbit.nn.kv_cache import QuantizedKVCache
+from lowbit.kv.cache import QuantizedKVCache
 from lowbit.recipe import PRESETS, ActQuant, KVQuant, Recipe, Rotate, WeightQuant, resolve
 
 

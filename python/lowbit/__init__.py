@@ -59,7 +59,7 @@ _LAZY = {
     "ActQuant": ("lowbit.recipe", "ActQuant"),
     "KVQuant": ("lowbit.recipe", "KVQuant"),
     "EmbedQuant": ("lowbit.recipe", "EmbedQuant"),
-    "QuantizedKVCache": ("lowbit.nn.kv_cache", "QuantizedKVCache"),
+    "QuantizedKVCache": ("lowbit.kv.cache", "QuantizedKVCache"),
     "PRESETS": ("lowbit.recipe", "PRESETS"),
     "QuantLinear": ("lowbit.nn", "QuantLinear"),
     "VQLinear": ("lowbit.nn", "VQLinear"),

@@ -258,7 +258,7 @@ def _kv_bytes(model, tok) -> str:
     import torch
 
     from . import data
-    from .nn.kv_cache import QuantizedKVCache
+    from .kv.cache import QuantizedKVCache
 
     ids = data.evaluation(tok, n_tokens=256)
     cache = QuantizedKVCache(model)

@@ -27,7 +27,8 @@ from .base import KVQuantizer
 __all__ = ["calibrate_kv"]
 
 
-def _targets(model: nn.Module) -> list[tuple[int, Any, KVQuantizer]]:
+def _targets(model: nn.Module) -> list[tuple[int, tuple[Any, Any], KVQuantizer]]:
+    """``[(layer index, (k linear, v linear), quantizer)]`` for every attention whose quantizer calibrates."""
     from ..models.adapters import get_adapter
 
     adapter = get_adapter(model)
@@ -36,7 +37,7 @@ def _targets(model: nn.Module) -> list[tuple[int, Any, KVQuantizer]]:
         attn: Any = adapter.attention(layer)
         kv = attn._modules.get("lowbit_kv")
         if isinstance(kv, KVQuantizer) and kv.calibrates:
-            out.append((i, attn, kv))
+            out.append((i, (adapter.linear(layer, "k"), adapter.linear(layer, "v")), kv))
     return out
 
 
@@ -66,7 +67,7 @@ def calibrate_kv(
     """Calibrate every KV quantizer of ``model`` that calibrates (KVQuant) on ``calib_ids``.
 
     One forward pass per batch (and, with ``fisher``, one backward pass of the summed next-token
-    cross-entropy with respect to the ``k_proj``/``v_proj`` outputs only: the model's parameters
+    cross-entropy with respect to the outputs of the ``k`` and ``v`` linears only: the model's parameters
     get no gradient and their ``requires_grad`` flags are restored). KV quantization is off during
     the passes (full-precision keys and values, as KVQuant calibrates).
 
@@ -138,9 +139,9 @@ def calibrate_kv(
 
         return hook
 
-    for i, attn, kv in targets:
-        hooks.append(attn.k_proj.register_forward_hook(make_hook(i, "k")))
-        hooks.append(attn.v_proj.register_forward_hook(make_hook(i, "v")))
+    for i, (k_lin, v_lin), _ in targets:
+        hooks.append(k_lin.register_forward_hook(make_hook(i, "k")))
+        hooks.append(v_lin.register_forward_hook(make_hook(i, "v")))
 
     enabled = {i: kv.enabled for i, _, kv in targets}
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -170,7 +171,7 @@ def calibrate_kv(
                     loss.backward()
                     del logits, loss
                 del out
-            for i, attn, kv in targets:
+            for i, _, kv in targets:
                 H, D = kv.num_kv_heads, kv.head_dim
                 for which in ("k", "v"):
                     t = captured[(i, which)]

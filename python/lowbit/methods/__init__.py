@@ -1,6 +1,6 @@
 """Quantization methods: how the codes of a weight are chosen on a grid (see :mod:`lowbit.grids`),
 and the model-level transforms around them — rotations (:mod:`.rotation`, :mod:`.quarot`,
-:mod:`.spinquant`) and KV-cache calibration (:mod:`.kvquant`), imported from their modules.
+:mod:`.spinquant`), imported from their modules; KV-cache calibration is :mod:`lowbit.kv.calibrate`.
 
 ``METHODS`` maps a method name to its function. ``rtn(W, grid)`` needs no data and returns a
 :class:`~lowbit.grids.QuantizedWeight`; the methods named in ``HESSIAN_METHODS`` are called as

@@ -136,9 +136,8 @@ def fuse_norms(model: nn.Module, adapter: Optional[Adapter] = None) -> None:
     _untie_lm_head(model, adapter)
     layer: Any
     for layer in adapter.decoder_layers(model):
-        attn, mlp = adapter.attention(layer), layer.mlp
-        _fold(adapter.attn_norm(layer), [attn.q_proj, attn.k_proj, attn.v_proj])
-        _fold(adapter.mlp_norm(layer), [mlp.gate_proj, mlp.up_proj])
+        for norm, readers in adapter.residual_readers(layer):
+            _fold(norm, readers)
     _fold(adapter.final_norm(model), [adapter.lm_head(model)])
 
 
@@ -171,29 +170,30 @@ def apply_rotations(model: nn.Module, rot: Rotations, adapter: Optional[Adapter]
 
     layer: Any
     for li, layer in enumerate(layers):
-        attn, mlp = adapter.attention(layer), layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _set_weight(lin, lin.weight.detach().double() @ r1)
-        for lin in (attn.o_proj, mlp.down_proj):
+        for _, readers in adapter.residual_readers(layer):
+            for lin in readers:
+                _set_weight(lin, lin.weight.detach().double() @ r1)
+        for lin in adapter.residual_writers(layer):
             _set_weight(lin, r1.T @ lin.weight.detach().double())
             if lin.bias is not None:
                 _set_weight(lin, lin.bias.detach().double() @ r1, "bias")
         if r2s:
-            r2 = r2s[li]
-            wv = attn.v_proj.weight.detach().double().reshape(d.n_kv_heads, d.head_dim, d.hidden)
-            _set_weight(attn.v_proj, torch.einsum("ji,hjk->hik", r2, wv).reshape(-1, d.hidden))
-            if attn.v_proj.bias is not None:
-                bv = attn.v_proj.bias.detach().double().reshape(d.n_kv_heads, d.head_dim)
-                _set_weight(attn.v_proj, (bv @ r2).reshape(-1), "bias")
-            wo = attn.o_proj.weight.detach().double().reshape(d.hidden, d.n_heads, d.head_dim)
-            _set_weight(attn.o_proj, (wo @ r2).reshape(d.hidden, -1))
+            r2, v, o = r2s[li], adapter.linear(layer, "v"), adapter.linear(layer, "o")
+            wv = v.weight.detach().double().reshape(d.n_kv_heads, d.head_dim, d.hidden)
+            _set_weight(v, torch.einsum("ji,hjk->hik", r2, wv).reshape(-1, d.hidden))
+            if v.bias is not None:
+                bv = v.bias.detach().double().reshape(d.n_kv_heads, d.head_dim)
+                _set_weight(v, (bv @ r2).reshape(-1), "bias")
+            wo = o.weight.detach().double().reshape(d.hidden, d.n_heads, d.head_dim)
+            _set_weight(o, (wo @ r2).reshape(d.hidden, -1))
         if h_down is not None:
-            _set_weight(mlp.down_proj, mlp.down_proj.weight.detach().double() @ h_down)
+            down = adapter.linear(layer, "down")
+            _set_weight(down, down.weight.detach().double() @ h_down)
     install_online(model, online_qk=rot.online_qk, online_down=rot.online_down, adapter=adapter)
 
 
 def install_online(model: nn.Module, *, online_qk: bool, online_down: bool, adapter: Optional[Adapter] = None) -> None:
-    """Attach the online Hadamards: R3 in every attention, R4 on every ``down_proj`` input."""
+    """Attach the online Hadamards: R3 in every attention, R4 on the input of every ``down`` linear."""
     from ..nn.online import InputTransform, attach_input_transform, input_transform_of
 
     adapter = adapter or get_adapter(model)
@@ -206,7 +206,7 @@ def install_online(model: nn.Module, *, online_qk: bool, online_down: bool, adap
 
             install_attention(attn, rotary=rotary, rotate_qk=True, kv=getattr(attn, "lowbit_kv", None))
         if online_down:
-            down = layer.mlp.down_proj
+            down = adapter.linear(layer, "down")
             old = input_transform_of(down)
             act = None if old is None or old.act is None else old.act.config()
             attach_input_transform(down, InputTransform(hadamard=True, act=act))

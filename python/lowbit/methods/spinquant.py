@@ -125,7 +125,7 @@ def learn_rotations(
         calib: ``(n, L)`` int64 calibration ids; batches of ``batch_size`` windows of ``seqlen`` tokens
             are drawn from it (seeded).
         act: :class:`~lowbit.nn.ActQuantizer` config of the activations (``None``: 4-bit sym, clip 0.9).
-        kv: :class:`~lowbit.nn.kv_quant.KVQuantizer` config (``"uniform"`` method) to fake-quantize
+        kv: :class:`~lowbit.kv.KVQuantizer` config (``"uniform"`` method) to fake-quantize
             the KV cache during learning, or ``None``.
         steps, lr, momentum: Cayley SGD, the step size decaying from ``lr`` to 0 on a cosine.
         online_qk, online_down: whether R3/R4 will be used (they are fixed Hadamards, present in the
@@ -142,7 +142,7 @@ def learn_rotations(
         :func:`~lowbit.methods.rotation.apply_rotations`.
     """
     from ..nn.attention import install_attention, is_installed, uninstall_attention
-    from ..nn.kv_quant import KVQuantizer
+    from ..kv.base import KVQuantizer
     from ..nn.online import ActQuantizer, online_hadamard
 
     adapter = check_rotatable(model, adapter)
@@ -169,23 +169,24 @@ def learn_rotations(
     layer: Any
     try:
         for li, layer in enumerate(layers):
-            attn, mlp, r2 = adapter.attention(layer), layer.mlp, r2s[li]
+            attn, r2 = adapter.attention(layer), r2s[li]
+            v, o, down = adapter.linears(layer, ("v", "o", "down"))
             hooks.append(adapter.attn_norm(layer).register_forward_hook(sandwich_r1))
             hooks.append(adapter.mlp_norm(layer).register_forward_hook(sandwich_r1))
-            hooks.append(attn.v_proj.register_forward_hook(lambda m, i, out, r2=r2: _per_head(out, r2, d.head_dim)))
+            hooks.append(v.register_forward_hook(lambda m, i, out, r2=r2: _per_head(out, r2, d.head_dim)))
             hooks.append(
-                attn.o_proj.register_forward_pre_hook(
+                o.register_forward_pre_hook(
                     lambda m, args, r2=r2: (_per_head(quant(args[0]), r2.T, d.head_dim),) + tuple(args[1:])
                 )
             )
             if online_down:
                 hooks.append(
-                    mlp.down_proj.register_forward_pre_hook(
+                    down.register_forward_pre_hook(
                         lambda m, args: (online_hadamard(quant(online_hadamard(args[0])), inverse=True),) + tuple(args[1:])
                     )
                 )
             else:
-                hooks.append(mlp.down_proj.register_forward_pre_hook(lambda m, args: (quant(args[0]),) + tuple(args[1:])))
+                hooks.append(down.register_forward_pre_hook(lambda m, args: (quant(args[0]),) + tuple(args[1:])))
             if online_qk or kv is not None:
                 # the attention's own state, restored as is afterwards (a calibrated quantizer included)
                 saved_attn.append((attn, is_installed(attn), bool(getattr(attn, "lowbit_rotate_qk", False)), attn._modules.get("lowbit_kv")))

@@ -15,8 +15,26 @@ Llama, Qwen2 and Mistral in ``transformers`` share one layout::
     model.model.rotary_emb           RoPE (transformers >= 5: one module for the whole model)
     model.lm_head                    output head (may share its weight with the embeddings)
 
-:meth:`Adapter.linear_groups` lists a layer's linears in execution order, grouped by shared input:
-``[[q, k, v], [o], [gate, up], [down]]`` — one Hessian per group suffices for GPTQ-style methods.
+Linear roles
+------------
+Code outside ``lowbit.models`` never spells a projection's attribute path; it asks the adapter
+for a linear by its *role*, one of :data:`ROLES`::
+
+    role    reads                         writes                      weight (out, in)
+    q       attn_norm output (residual)   queries                     (n_heads·head_dim, hidden)
+    k       attn_norm output (residual)   keys                        (n_kv_heads·head_dim, hidden)
+    v       attn_norm output (residual)   values                      (n_kv_heads·head_dim, hidden)
+    o       attention output              the residual stream         (hidden, n_heads·head_dim)
+    gate    mlp_norm output (residual)    the MLP's gate              (intermediate, hidden)
+    up      mlp_norm output (residual)    the MLP's up branch         (intermediate, hidden)
+    down    act(gate)·up                  the residual stream         (hidden, intermediate)
+
+:meth:`Adapter.linear` returns one, :meth:`Adapter.residual_readers` the linears reading the
+residual stream grouped by the norm that feeds them (``[(attn_norm, [q, k, v]), (mlp_norm,
+[gate, up])]``), :meth:`Adapter.residual_writers` the two that add into it (``[o, down]``): what a
+rotation of the residual stream (R1) must rotate on each side. :meth:`Adapter.linear_groups` lists
+a layer's linears in execution order, grouped by shared input: ``[[q, k, v], [o], [gate, up],
+[down]]`` (:attr:`Adapter.group_roles`) — one Hessian per group suffices for GPTQ-style methods.
 """
 
 from __future__ import annotations
@@ -27,10 +45,11 @@ from typing import Any, ClassVar, Mapping
 
 from torch import nn
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError, ValueRangeError
 from .config_schema import Activation, Bool, Field, Float, Int, LayerTypes, Rope, TokenIds, check_config
 
 __all__ = [
+    "ROLES",
     "Adapter",
     "Dims",
     "LlamaAdapter",
@@ -41,6 +60,9 @@ __all__ = [
     "get_adapter",
     "adapter_for_type",
 ]
+
+ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+"""The linear roles of a decoder layer, in execution order (see the module docstring's table)."""
 
 _LLAMA_CONFIG: dict[str, Field] = {
     "hidden_size": Int(hi=1 << 17),
@@ -97,12 +119,37 @@ class Adapter:
     attention_module: ClassVar[str] = "lowbit.models.llama_attention"
     """The module holding this architecture's lowbit attention forward (``lowbit_attention_forward``,
     with ``check_attention``): the RoPE point, the projections, the attention call."""
-    groups: ClassVar[tuple[tuple[str, ...], ...]] = (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    )
+    attention_path: ClassVar[str] = "self_attn"
+    """Where a decoder layer keeps its self-attention, relative to the layer."""
+    role_paths: ClassVar[Mapping[str, str]] = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+    """Each role of :data:`ROLES` → the linear's path relative to a decoder layer (what
+    ``layer.get_submodule`` takes; also the suffix of its state-dict and checkpoint names)."""
+    group_roles: ClassVar[tuple[tuple[str, ...], ...]] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+    """The roles in execution order, grouped by shared input (each role exactly once)."""
+    groups: ClassVar[tuple[tuple[str, ...], ...]]
+    """:attr:`group_roles` as paths (``(("self_attn.q_proj", ...), ...)``); derived, never set by
+    hand (see ``__init_subclass__``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._derive_groups()
+
+    @classmethod
+    def _derive_groups(cls) -> None:
+        roles = [r for g in cls.group_roles for r in g]
+        if sorted(roles) != sorted(ROLES) or set(cls.role_paths) != set(ROLES):
+            raise TypeError(
+                f"{cls.__name__}: group_roles and role_paths must each name every role of {ROLES} exactly once"
+            )
+        cls.groups = tuple(tuple(cls.role_paths[r] for r in g) for g in cls.group_roles)
 
     def decoder_layers(self, model: Any) -> nn.ModuleList:
         """The decoder layers, in order."""
@@ -134,15 +181,61 @@ class Adapter:
         return mod.lowbit_attention_forward, mod.check_attention
 
     def attention(self, layer: Any) -> Any:
-        """A decoder layer's self-attention module (holds q/k/v/o_proj)."""
-        return layer.self_attn
+        """A decoder layer's self-attention module (:attr:`attention_path`; it holds the ``q``,
+        ``k``, ``v`` and ``o`` linears and is what :func:`lowbit.nn.attention.install_attention`
+        drives)."""
+        return layer.get_submodule(self.attention_path)
+
+    def linear_name(self, role: str) -> str:
+        """The path of the linear in ``role`` (one of :data:`ROLES`) relative to a decoder layer,
+        e.g. ``"self_attn.v_proj"`` for ``"v"``.
+
+        Raises:
+            ValueRangeError: ``role`` is not one of :data:`ROLES`.
+        """
+        path = self.role_paths.get(role) if isinstance(role, str) else None
+        if path is None:
+            raise ValueRangeError(f"role: must be one of {ROLES}, got {role!r}")
+        return path
+
+    def linear(self, layer: nn.Module, role: str) -> Any:
+        """The module in ``role`` (one of :data:`ROLES`) of a decoder layer: an ``nn.Linear`` with
+        ``weight`` of shape ``(out, in)`` as the table in the module docstring gives (``"v"``:
+        ``(n_kv_heads·head_dim, hidden)``, ``"o"``: ``(hidden, n_heads·head_dim)``, ``"down"``:
+        ``(hidden, intermediate)``, ...), or the stored layer that replaced it once quantized —
+        whatever is there; callers that need a dense linear check it (see
+        :meth:`linear_groups`).
+
+        Raises:
+            ValueRangeError: ``role`` is not one of :data:`ROLES`.
+        """
+        return layer.get_submodule(self.linear_name(role))
+
+    def linears(self, layer: nn.Module, roles: Any) -> list:
+        """``[self.linear(layer, r) for r in roles]``."""
+        return [self.linear(layer, r) for r in roles]
+
+    def residual_readers(self, layer: nn.Module) -> list[tuple[Any, list]]:
+        """``[(attn_norm, [q, k, v]), (mlp_norm, [gate, up])]``: the linears that read the residual
+        stream (hidden-wide inputs, ``weight`` ``(·, hidden)``), grouped by the norm whose output
+        feeds them — a norm's scale folds into these, and R1 multiplies their weights on the right."""
+        return [
+            (self.attn_norm(layer), self.linears(layer, ("q", "k", "v"))),
+            (self.mlp_norm(layer), self.linears(layer, ("gate", "up"))),
+        ]
+
+    def residual_writers(self, layer: nn.Module) -> list:
+        """``[o, down]``: the linears whose outputs are added into the residual stream
+        (hidden-wide outputs, ``weight`` ``(hidden, ·)``) — R1ᵀ multiplies their weights (and
+        biases) on the left."""
+        return self.linears(layer, ("o", "down"))
 
     def attn_norm(self, layer: Any) -> Any:
-        """The norm whose output feeds q/k/v."""
+        """The norm whose output feeds the ``q``, ``k`` and ``v`` linears."""
         return layer.input_layernorm
 
     def mlp_norm(self, layer: Any) -> Any:
-        """The norm whose output feeds gate/up."""
+        """The norm whose output feeds the ``gate`` and ``up`` linears."""
         return layer.post_attention_layernorm
 
     def dims(self, model: Any) -> "Dims":
@@ -214,12 +307,17 @@ class Adapter:
     def linear_groups(self, layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
         """``[[(name, linear), ...], ...]``: a layer's linears in execution order, grouped by shared input.
 
-        Names are relative to the layer (``"self_attn.q_proj"``), as ``layer.get_submodule`` takes them.
+        Names are relative to the layer (``"self_attn.q_proj"``), as ``layer.get_submodule`` takes them;
+        the groups are :attr:`group_roles` (their paths: :attr:`groups`).
+
+        Raises:
+            UnsupportedModelError: a member is not a dense ``nn.Linear`` (already quantized, or another module).
         """
         out = []
-        for group in self.groups:
+        for group in self.group_roles:
             members = []
-            for name in group:
+            for role in group:
+                name = self.linear_name(role)
                 module = layer.get_submodule(name)
                 if not isinstance(module, nn.Linear):
                     raise UnsupportedModelError(
@@ -232,6 +330,9 @@ class Adapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+Adapter._derive_groups()
 
 
 class LlamaAdapter(Adapter):

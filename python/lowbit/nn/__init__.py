@@ -1,10 +1,9 @@
-"""Modules that run from packed low-bit storage (DESIGN §2 ``nn/``): QuantLinear, VQLinear, the online
-activation transforms (Hadamard, per-token activation quantizer) and the KV-cache quantizers."""
+"""Modules that run from packed low-bit storage (DESIGN §2 ``nn/``): QuantLinear, VQLinear and the online
+activation transforms (Hadamard, per-token activation quantizer). The KV-cache quantizers and the
+packed cache are in :mod:`lowbit.kv`."""
 
 from __future__ import annotations
 
-from .kv_cache import QuantizedKVCache
-from .kv_quant import KVQuantizer, QuantizedKV
 from .online import ActQuantizer, InputTransform, attach_input_transform, input_transform_of, online_hadamard
 from .quant_linear import PackingFormat, QuantLinear, storage_bits
 from .vq_linear import VQLinear
@@ -25,7 +24,4 @@ __all__ = [
     "attach_input_transform",
     "input_transform_of",
     "online_hadamard",
-    "KVQuantizer",
-    "QuantizedKV",
-    "QuantizedKVCache",
 ]
