@@ -3,8 +3,9 @@
 :class:`UniformGPUWeight` is a :class:`~lowbit.nn.QuantLinear`'s weight converted once into the
 layout of ``cuda/uniform_gemm.cu`` (container widths 2, 3, 4, 8 bits; see that file's header):
 
-* 2/4/8-bit codes keep the checkpoint's LSB-first byte layout, each row padded to whole 16-byte
-  chunks (for 2/4/8-bit ``QuantLinear`` weights the packed bytes are reused as they are);
+* 2/4/8-bit codes keep the checkpoint's LSB-first byte layout (:mod:`lowbit.layouts.uniform`), each
+  row padded to whole 16-byte chunks (for 2/4/8-bit ``QuantLinear`` weights the packed bytes are
+  reused as they are);
 * 1-bit and ternary codes go into the 2-bit container (ternary ``c ∈ {0, 1, 2}``, zero point 1),
   5–7-bit codes into the 8-bit one;
 * 3-bit codes are split into bit planes per 128 codes: 8 words of low 2-bit parts, 4 words of high bits.
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError, UnsupportedSizeError
+from ..layouts.uniform import PackingFormat, storage_bits, unpack_codes
 from . import _runtime as rt
 
 __all__ = ["UniformGPUWeight", "uniform_matmul", "launch_config", "emulate_uniform_matmul", "container_bits", "MAX_KERNEL_BATCH"]
@@ -144,13 +146,12 @@ class UniformGPUWeight:
 
     @classmethod
     def from_quant_linear(cls, m: Any, device: Any = None) -> "UniformGPUWeight":
-        """Convert a :class:`~lowbit.nn.QuantLinear` (once; the module caches the result)."""
-        from ..nn.quant_linear import PackingFormat, storage_bits
-
+        """Convert a :class:`~lowbit.nn.QuantLinear` (once; the module caches the result): its stored
+        tensors in the layout of :mod:`lowbit.layouts.uniform`, read through that module."""
         device = torch.device(device) if device is not None else m.qweight.device
         cb = container_bits(m.bits, m.kind)
         n, k = m.out_features, m.in_features
-        if m.packing is PackingFormat.LSB and storage_bits(m.bits) == cb and cb != 3:
+        if PackingFormat.for_kind(m.kind) is PackingFormat.LSB and storage_bits(m.bits) == cb and cb != 3:
             # the checkpoint bytes are the layout: pad the rows to whole 16-byte chunks
             q = m.qweight.detach()
             row_bytes = 4 * _words_per_chunk(cb) * -(-k // _chunk_codes(cb))
@@ -158,7 +159,8 @@ class UniformGPUWeight:
                 q = F.pad(q, (0, row_bytes - q.shape[1]))
             words = q.contiguous().view(torch.int32)
         else:
-            words = torch.from_numpy(_pack_words(m.unpack_codes().numpy().astype(np.uint32), cb).view(np.int32))
+            codes = unpack_codes(m.qweight, m.kind, m.bits, k)
+            words = torch.from_numpy(_pack_words(codes.numpy().astype(np.uint32), cb).view(np.int32))
         bias = m.bias.detach() if m.bias is not None else None
         return cls._make(cb, words, m.scales, m.zeros, m.zero_const, m.group_size, m.perm, bias, k, n, device)
 

@@ -3,17 +3,10 @@ from that form.
 
 It is built from the :class:`~lowbit.grids.base.QuantizedWeight` a method produced
 (:meth:`QuantLinear.from_quantized`) or, empty, from its metadata (:meth:`QuantLinear.from_metadata`)
-so that a checkpoint can be loaded into it. Its buffers are the checkpoint tensors of DESIGN §4:
-
-============  ==================  ==================================================================
-buffer        dtype / shape       content
-============  ==================  ==================================================================
-``qweight``   uint8 ``(out, B)``  packed codes, one packed row per output row (:class:`PackingFormat`)
-``scales``    fp16 ``(out, G)``   per-group scales, ``G = ceil(in / group_size)``
-``zeros``     fp16 ``(out, G)``   per-group zero points in code units (asymmetric grids only)
-``perm``      int64 ``(in,)``     storage order of the input columns (act-order only)
-``bias``      float ``(out,)``    the original bias (a parameter, ``requires_grad=False``)
-============  ==================  ==================================================================
+so that a checkpoint can be loaded into it. Its buffers are the checkpoint tensors of DESIGN §4, in
+the layout of :mod:`lowbit.layouts.uniform` (``qweight``, ``scales``, ``zeros``, ``perm``; the
+packing is :class:`~lowbit.layouts.uniform.PackingFormat`), plus ``bias``, float ``(out,)``, the
+original bias (a parameter, ``requires_grad=False``).
 
 The weight is ``W[:, perm[j]] = scale[:, j // group_size] · (code[:, j] − zero[:, j // group_size])``
 (``perm`` the identity when absent, ``zero`` the constant ``zero_const`` when symmetric), exactly as
@@ -26,7 +19,6 @@ The weight is ``W[:, perm[j]] = scale[:, j // group_size] · (code[:, j] − zer
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Any, Optional
 
@@ -34,58 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
+from ..errors import DTypeError, ShapeError, ValueRangeError
 from ..grids.base import GRID_KINDS, QuantizedWeight
-from ..ops import pack, pack_ternary, packed_size, unpack, unpack_ternary
+from ..layouts import uniform as _layout
+from ..layouts.uniform import STORED_DTYPES, PackingFormat, storage_bits
 from .dense_cache import DenseCache
 from .online import online_hadamard
 
+# PackingFormat and storage_bits live in lowbit.layouts.uniform (the kernels read them too); they
+# stay importable from here
 __all__ = ["PackingFormat", "QuantLinear", "storage_bits"]
-
-_PACK_BITS = (1, 2, 3, 4, 8)
-_STORAGE_DTYPES = {"qweight": torch.uint8, "scales": torch.float16, "zeros": torch.float16, "perm": torch.int64}
-
-
-class PackingFormat(str, enum.Enum):
-    """Memory layout of ``QuantLinear.qweight`` (fixed forever: checkpoints depend on it).
-
-    Both formats pack each output row of ``in_features`` codes (in storage column order) into its
-    own row of bytes, padded to a whole byte; ``qweight`` is ``(out_features, bytes_per_row)`` uint8.
-
-    ``LSB`` (kinds ``uniform`` and ``binary``): :func:`lowbit.pack` with ``storage_bits(bits)`` bits
-    per code — one little-endian bit stream per row, code ``i`` in stream bits
-    ``[b·i, b·(i+1))``, stream bit ``t`` = bit ``t % 8`` of byte ``t // 8``. 4-bit bytes are
-    ``c0 | c1<<4``, 2-bit bytes ``c0 | c1<<2 | c2<<4 | c3<<6``, 3-bit packs 8 codes in 3 bytes.
-    Widths without a packer (5, 6, 7) are stored one code per byte (8-bit container).
-    ``bytes_per_row = ceil(in · storage_bits / 8)``.
-
-    ``BASE3`` (kind ``ternary``): :func:`lowbit.pack_ternary` (``form="base3"``) of the values
-    ``code − 1 ∈ {−1, 0, 1}`` — 5 trits per byte in llama.cpp's TQ1_0 byte encoding (1.6 bits per
-    weight). ``bytes_per_row = ceil(in / 5)``.
-    """
-
-    LSB = "lsb"
-    BASE3 = "base3"
-
-    @classmethod
-    def for_kind(cls, kind: str) -> "PackingFormat":
-        return cls.BASE3 if kind == "ternary" else cls.LSB
-
-
-def storage_bits(bits: int) -> int:
-    """Bits per code in ``qweight`` for a uniform/binary grid of ``bits`` (the next packable width)."""
-    for b in _PACK_BITS:
-        if bits <= b:
-            return b
-    raise UnsupportedSizeError(f"bits: unsupported bit width {bits}; QuantLinear stores 1..8")
-
-
-def _default_zero_const(kind: str, bits: int, sym: bool) -> float:
-    if kind == "ternary":
-        return 1.0
-    if kind == "binary":
-        return 0.5
-    return float(1 << (bits - 1)) if sym else 0.0
 
 
 def _check_int(value: Any, arg: str, lo: int, hi: Optional[int] = None) -> int:
@@ -174,7 +124,7 @@ class QuantLinear(DenseCache, nn.Module):
         self.group_size = _check_int(group_size, "group_size", 1, self.in_features)
         self.sym = bool(sym)
         if zero_const is None:
-            zero_const = _default_zero_const(kind, bits, self.sym)
+            zero_const = _layout.default_zero_const(kind, bits, self.sym)
         if isinstance(zero_const, bool) or not isinstance(zero_const, (int, float)) or not math.isfinite(zero_const):
             raise ValueRangeError(f"zero_const: must be a finite number, got {zero_const!r}")
         self.zero_const = float(zero_const)
@@ -229,11 +179,7 @@ class QuantLinear(DenseCache, nn.Module):
         if c.numel() and (int(c.min()) < 0 or int(c.max()) > max_code):
             bad = int(c.min()) if int(c.min()) < 0 else int(c.max())
             raise ValueRangeError(f"codes: must be in [0, {max_code}] for a {qw.kind} {qw.bits}-bit grid, found {bad}")
-        if module.packing is PackingFormat.BASE3:
-            qweight = pack_ternary(c.to(torch.int8) - 1, "base3")
-        else:
-            qweight = pack(c.to(torch.uint8), storage_bits(qw.bits))
-        module.qweight = qweight.contiguous().to(device)
+        module.qweight = _layout.pack_codes(c, qw.kind, qw.bits).contiguous().to(device)
 
         if tuple(qw.scales.shape) != (out, n_groups):
             raise ShapeError(f"scales: must have shape {(out, n_groups)} (out, n_groups), got {tuple(qw.scales.shape)}")
@@ -294,25 +240,23 @@ class QuantLinear(DenseCache, nn.Module):
 
     @property
     def max_code(self) -> int:
-        return {"ternary": 2, "binary": 1}.get(self.kind, (1 << self.bits) - 1)
+        return _layout.max_code(self.kind, self.bits)
 
     @property
     def qweight_shape(self) -> tuple[int, int]:
         """``(out_features, bytes_per_row)`` of the packed codes."""
-        if self.packing is PackingFormat.BASE3:
-            return (self.out_features, -(-self.in_features // 5))
-        return (self.out_features, packed_size(self.in_features, storage_bits(self.bits)))
+        return (self.out_features, _layout.bytes_per_row(self.in_features, self.kind, self.bits))
 
     def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], Optional[torch.dtype]]]:
         """Name → (shape, dtype) of every tensor this layer stores; dtype ``None`` for the bias (any float)."""
         want: dict[str, tuple[tuple[int, ...], Optional[torch.dtype]]] = {
-            "qweight": (self.qweight_shape, torch.uint8),
-            "scales": ((self.out_features, self.n_groups), torch.float16),
+            "qweight": (self.qweight_shape, STORED_DTYPES["qweight"]),
+            "scales": ((self.out_features, self.n_groups), STORED_DTYPES["scales"]),
         }
         if self.zeros is not None:
-            want["zeros"] = ((self.out_features, self.n_groups), torch.float16)
+            want["zeros"] = ((self.out_features, self.n_groups), STORED_DTYPES["zeros"])
         if self.perm is not None:
-            want["perm"] = ((self.in_features,), torch.int64)
+            want["perm"] = ((self.in_features,), STORED_DTYPES["perm"])
         if self.bias is not None:
             want["bias"] = ((self.out_features,), None)
         return want
@@ -336,11 +280,7 @@ class QuantLinear(DenseCache, nn.Module):
 
     def unpack_codes(self) -> torch.Tensor:
         """``(out, in)`` uint8 codes in storage column order, on the CPU (unpacked by the Rust core)."""
-        q = self.qweight.detach().cpu()
-        if self.packing is PackingFormat.BASE3:
-            vals = unpack_ternary(q, self.in_features, "base3")
-            return (vals + 1).to(torch.uint8)
-        return unpack(q, storage_bits(self.bits), self.in_features)
+        return _layout.unpack_codes(self.qweight, self.kind, self.bits, self.in_features)
 
     def dequantize_weight(self) -> torch.Tensor:
         """``(out, in)`` float32 dense weight in the ORIGINAL column order, on the buffers' device."""
@@ -418,7 +358,7 @@ class QuantLinear(DenseCache, nn.Module):
     # nn.Module plumbing
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
-        for name, dtype in _STORAGE_DTYPES.items():
+        for name, dtype in STORED_DTYPES.items():
             t = state_dict.get(prefix + name)
             if t is not None and t.dtype != dtype:
                 error_msgs.append(f"{prefix}{name}: dtype {t.dtype}, QuantLinear stores {dtype} (no silent casts)")
@@ -452,7 +392,6 @@ _PACKED_FIELDS: dict[str, tuple[type, ...]] = {
     "method": (str,),
     "packing": (str,),
 }
-_PACKED_TENSORS = {"qweight": torch.uint8, "scales": torch.float16, "zeros": torch.float16, "perm": torch.int64}
 
 
 def _check_packed_metadata(meta: dict) -> None:
@@ -467,10 +406,10 @@ def _check_packed_metadata(meta: dict) -> None:
 
 
 def _check_packed_tensor(layer: QuantLinear, leaf: str, t: torch.Tensor, want: torch.Tensor) -> Optional[str]:
-    if leaf not in _PACKED_TENSORS:
+    if leaf not in STORED_DTYPES:
         return None  # the bias: a float tensor like any other
-    if t.dtype != _PACKED_TENSORS[leaf]:
-        return f"dtype {t.dtype} stored, expected {_PACKED_TENSORS[leaf]}"
+    if t.dtype != STORED_DTYPES[leaf]:
+        return f"dtype {t.dtype} stored, expected {STORED_DTYPES[leaf]}"
     if leaf == "perm" and not torch.equal(torch.sort(t).values, torch.arange(t.numel())):
         return f"not a permutation of 0..{t.numel() - 1}"
     return None

@@ -1,0 +1,17 @@
+"""The stored (packed) layouts of the quantized layers, as data and pure tensor functions: one file
+per layout, read by the stored layers (:mod:`lowbit.nn`) and by the GPU kernels' conversions
+(:mod:`lowbit.kernels`) alike, so neither imports the other for it.
+
+* :mod:`~lowbit.layouts.uniform` — the packed uniform / ternary / binary codes of format
+  ``packed`` (:class:`~lowbit.nn.QuantLinear`): :class:`~lowbit.layouts.uniform.PackingFormat`,
+  :func:`~lowbit.layouts.uniform.storage_bits`, the stored tensors' dtypes, packing and unpacking
+  the code words.
+
+This package imports neither :mod:`lowbit.nn` nor :mod:`lowbit.kernels` (``tests/test_layouts.py``).
+"""
+
+from __future__ import annotations
+
+from . import uniform
+
+__all__ = ["uniform"]
