@@ -356,33 +356,60 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         )
 
     def per_token_uniform(self, x: torch.Tensor, positions: torch.Tensor, salient: Optional[torch.Tensor] = None) -> QuantizedKV:
-        """Per-token uniform quantization of ``x`` (``(B, H, S, D)``) in groups of :attr:`group`.
+        """Per-token uniform quantization of ``x`` (``(B, H, S, D)``) in groups of :attr:`group`
+        (:meth:`uniform_grid` with this quantizer's ``sym``/``clip_ratio``), packed by :meth:`finish`."""
+        B, H, S, D = x.shape
+        codes, scale, zeros = self.uniform_grid(x, self.group)
+        return self.finish("uniform", x, codes, scale, zeros, None, positions, salient)
+
+    #: the range shrink factors the MSE clip search of :meth:`uniform_grid` tries (1 = min–max)
+    MSE_SHRINKS = tuple(float(r) for r in torch.linspace(1.0, 0.3, 15))
+
+    def uniform_grid(self, x: torch.Tensor, group: int, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Per-token uniform codes of ``x`` (``(B, H, S, D)``, ``group`` dividing ``D``).
 
         Asymmetric: ``x ≈ zero + scale·c``, ``c ∈ [0, 2^b − 1]``, the offset the clipped group
         minimum rounded down to fp16 and the scale rounded up (every element of an unclipped group
         is within ``scale / 2`` of its reconstruction). Symmetric: ``x ≈ scale·(c − 2^(b−1))``,
-        ``scale = clip·amax / (2^(b−1) − 1)`` rounded up.
+        ``scale = clip·amax / (2^(b−1) − 1)`` rounded up. With ``mse`` (asymmetric only) each group
+        takes, of the ranges shrunk by :attr:`MSE_SHRINKS` (times ``clip_ratio``), the one with the
+        least squared reconstruction error.
+
+        Returns:
+            ``(codes, scales, zeros)``: float codes ``(B, H, S, D)``, fp16-exact fp32 scales
+            ``(B, H, S, D // group)``, zeros of the same shape (``None`` when symmetric).
         """
         B, H, S, D = x.shape
-        g = self.group
-        xg = x.detach().float().reshape(B, H, S, D // g, g)
+        ng = D // group
+        xg = x.detach().float().reshape(B, H, S, ng, group)
         if self.sym:
             qpos, qneg = (1 << (self.bits - 1)) - 1, 1 << (self.bits - 1)
-            amax = xg.abs().amax(-1, keepdim=True) * self.clip_ratio if S else xg.new_zeros(B, H, S, D // g, 1)
+            amax = xg.abs().amax(-1, keepdim=True) * self.clip_ratio if S else xg.new_zeros(B, H, S, ng, 1)
             scale = fp16_up((amax / max(qpos, 1)).clamp_min(FP16_TINY))
             codes = torch.clamp(torch.round(xg / scale), -qneg, qpos) + qneg
-            zeros = None
+            return codes.reshape(B, H, S, D), scale.squeeze(-1), None
+        qmax = (1 << self.bits) - 1
+        if S:
+            mn, mx = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
         else:
-            qmax = (1 << self.bits) - 1
-            if S:
-                lo = fp16_down(xg.amin(-1, keepdim=True) * self.clip_ratio)
-                hi = xg.amax(-1, keepdim=True) * self.clip_ratio
-            else:
-                lo = hi = xg.new_zeros(B, H, S, D // g, 1)
-            scale = fp16_up(((hi - lo) / qmax).clamp_min(FP16_TINY))
+            mn = mx = xg.new_zeros(B, H, S, ng, 1)
+        best = None
+        for shrink in self.MSE_SHRINKS if mse else (1.0,):
+            r = shrink * self.clip_ratio
+            lo = fp16_down(mn * r)
+            scale = fp16_up(((mx * r - lo) / qmax).clamp_min(FP16_TINY))
             codes = torch.clamp(torch.round((xg - lo) / scale), 0, qmax)
-            zeros = lo.squeeze(-1)
-        return self.finish("uniform", x, codes.reshape(B, H, S, D), scale.squeeze(-1), zeros, None, positions, salient)
+            if not mse:
+                best = (None, codes, scale, lo)
+                break
+            err = (lo + codes * scale - xg).square().sum(-1, keepdim=True)
+            if best is None:
+                best = (err, codes, scale, lo)
+            else:
+                take = err < best[0]
+                best = tuple(torch.where(take, new, old) for new, old in zip((err, codes, scale, lo), best))
+        _, codes, scale, lo = best
+        return codes.reshape(B, H, S, D), scale.squeeze(-1), lo.squeeze(-1)
 
     # -- the method's part ----------------------------------------------------------------------
 
@@ -426,6 +453,15 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         self.require_calibrated()
         return self._quantize(v, positions, "value", salient)
 
+    def uniform_group(self, qkv: QuantizedKV) -> int:
+        """The group width of a per-token uniform block: ``D`` over its scales' last dimension (a
+        method may store keys and values in different groups)."""
+        D = qkv.shape[3]
+        n = qkv.scales.shape[-1] if qkv.scales is not None and qkv.scales.dim() == 4 else 0
+        if n < 1 or D % n:
+            raise ShapeError(f"qkv: scales of shape {tuple(qkv.scales.shape) if qkv.scales is not None else None} do not split head_dim={D} into groups")
+        return D // n
+
     def dequantize(self, qkv: QuantizedKV) -> torch.Tensor:
         """The dense ``(B, H, S, D)`` tensor of ``qkv``, in ``qkv.dtype``.
 
@@ -449,7 +485,7 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             raise ValueRangeError(f"qkv: a {qkv.kind!r} block cannot be dequantized by a {self.method!r} quantizer")
         codes = unpack(qkv.codes, self.bits, D).long()
         if qkv.kind == "uniform":
-            g = self.group
+            g = self.uniform_group(qkv)
             c = codes.float().reshape(B, H, S, D // g, g)
             scale = qkv.scales.float()[..., None]  # type: ignore[union-attr]
             if qkv.zeros is None:
