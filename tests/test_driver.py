@@ -138,3 +138,45 @@ def test_true_sequential_takes_o_proj_hessian_from_the_quantized_qkv(true_sequen
     assert torch.equal(codes, want)
     other = _o_proj_codes(not true_sequential)[1]
     assert not torch.equal(codes, other)  # the two Hessians differ enough to change codes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_layer0_inputs_and_streamed_linear_inputs(arch):
+    """driver._capture, the loop's one capture path: the inputs of decoder layer 0 (shapes, dtype,
+    the keyword arguments that run the layer alone), then a linear's inputs streamed to a sink."""
+    from lowbit.driver import _capture
+
+    model = tiny_model(arch, seed=2).eval()
+    calib = _calib(model, n=5, seqlen=16)
+    layers = model.model.layers
+    layer0 = layers[0]
+    batches = ((calib[i : i + 2], {"use_cache": False}) for i in range(0, 5, 2))
+    inputs, kwargs = _capture(model, layer0, batches)
+    hidden = model.config.hidden_size
+    assert [tuple(x.shape) for x in inputs] == [(2, 16, hidden), (2, 16, hidden), (1, 16, hidden)]
+    assert all(x.dtype == torch.float32 and not x.requires_grad for x in inputs)
+    assert layers[0] is layer0 and not layer0._forward_pre_hooks  # left in place, hook removed
+    with torch.no_grad():
+        ref = model(calib[:2], output_hidden_states=True).hidden_states
+    assert torch.equal(inputs[0], ref[0])
+    for kw in kwargs:
+        assert kw["use_cache"] is False
+        assert "past_key_value" not in kw and "past_key_values" not in kw and "hidden_states" not in kw
+        assert kw["position_ids"].dtype == torch.long and tuple(kw["position_ids"].shape) == (1, 16)
+        cos, sin = kw["position_embeddings"]
+        assert tuple(cos.shape) == tuple(sin.shape) == (1, 16, model.config.hidden_size // model.config.num_attention_heads)
+    with torch.no_grad():
+        out = layer0(inputs[0], **kwargs[0])
+    assert torch.equal(out[0] if isinstance(out, tuple) else out, ref[1])  # the layer runs alone on them
+
+    down = layer0.mlp.down_proj
+    want: list = []
+    hook = down.register_forward_pre_hook(lambda m, args: want.append(args[0].detach()))
+    with torch.no_grad():
+        for x, kw in zip(inputs, kwargs):
+            layer0(x, **kw)
+    hook.remove()
+    got: list = []
+    assert _capture(layer0, down, zip(inputs, kwargs), sink=got.append) == ([], [])
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not down._forward_pre_hooks

@@ -29,7 +29,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -92,40 +92,66 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records its inputs and stops the forward pass."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.inputs: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.inputs.append(hidden_states.detach())
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        kwargs["use_cache"] = False
-        self.kwargs.append(kwargs)
-        raise _Stop
-
-
 class _Stop(Exception):
-    pass
+    """Raised by :func:`_capture`'s hook to end a forward pass once the input it wants is captured."""
+
+
+_DROPPED_KWARGS = ("past_key_value", "past_key_values")
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int):
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+def _capture(
+    root: nn.Module,
+    target: nn.Module,
+    calls: Iterable[tuple[torch.Tensor, dict]],
+    sink: Optional[Callable[[torch.Tensor], None]] = None,
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Run ``root(x, **kw)`` for each ``(x, kw)`` of ``calls`` up to its first call of the submodule
+    ``target``, capture ``target``'s input there and skip the rest of the forward pass.
+
+    The one capture path of the loop, used two ways:
+
+    * ``target`` = decoder layer 0, ``root`` = the model, ``calls`` = ``(ids, {"use_cache": False})``
+      per calibration batch, ``ids`` an int64 ``(b, seqlen)`` slice of ``calib`` (``b`` =
+      ``batch_size``, the last batch possibly smaller). Returns ``(inputs, kwargs)``, one entry per
+      call: ``inputs[i]`` the hidden states entering layer 0, ``(b, seqlen, hidden)`` in the dtype of
+      the model's forward (its parameters' dtype), detached; ``kwargs[i]`` the keyword arguments the
+      model passes every decoder layer (attention mask or ``None``, ``position_ids`` int64
+      ``(1, seqlen)``, ``position_embeddings`` the rotary ``(cos, sin)``, each ``(1, seqlen,
+      head_dim)`` in the forward's dtype, …) without ``past_key_value`` / ``past_key_values`` and with
+      ``use_cache=False``, so that ``layer(inputs[i], **kwargs[i])`` runs the layer alone.
+    * ``target`` = a linear of a decoder block, ``root`` = the block, ``calls`` = the captured
+      ``zip(inputs, kwargs)``, ``sink`` = a :class:`~lowbit.methods.HessianAccumulator`'s
+      ``add_batch``: each input of the linear, ``(b, seqlen, in_features)`` in the block's dtype,
+      detached, is handed to ``sink`` and dropped at once (nothing is kept; returns ``([], [])``).
+
+    ``target``'s input is its first positional argument (or its ``hidden_states`` keyword).
+    ``target`` stays in place: a forward pre-hook, removed on return, does the capture.
+    """
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict] = []
+
+    def grab(module, args, kw):
+        x = (args[0] if args else kw["hidden_states"]).detach()
+        if sink is not None:
+            sink(x)
+        else:
+            inputs.append(x)
+            kept = {k: v for k, v in kw.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
+            kept["use_cache"] = False
+            kwargs.append(kept)
+        raise _Stop
+
+    hook = target.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for i in range(0, calib.shape[0], batch_size):
+        for x, kw in calls:
             try:
-                model(calib[i : i + batch_size], use_cache=False)
+                root(x, **kw)
             except _Stop:
                 pass
     finally:
-        layers[0] = catcher.layer
-    return catcher.inputs, catcher.kwargs
+        hook.remove()
+    return inputs, kwargs
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -279,7 +305,8 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         report.stage_seconds["quantize"] = time.perf_counter() - t_start
         return
 
-    inps, kwargs = _capture(model, layers, calib, batch_size)
+    batches = ((calib[i : i + batch_size], {"use_cache": False}) for i in range(0, calib.shape[0], batch_size))
+    inps, kwargs = _capture(model, layers[0], batches)
     if calib_dtype is not None:
         inps = [x.to(calib_dtype) for x in inps]
         kwargs = [_cast_floats(kw, calib_dtype) for kw in kwargs]
@@ -313,7 +340,9 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         for gi, (group, acc) in enumerate(zip(groups, accs)):
             if sequential and gi > 0:
                 t = time.perf_counter()
-                _collect_inputs(_runner(layer, calib_dtype), group[0][0], acc, inps, kwargs)
+                runner = _runner(layer, calib_dtype)
+                _capture(runner, runner.get_submodule(group[0][0]), zip(inps, kwargs), sink=acc.add_batch)
+                del runner
                 dt = time.perf_counter() - t
                 report.stage_seconds["hessians"] += dt
                 t1 += dt  # not counted as quantize time
@@ -359,26 +388,6 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         log.info("layer %d: output error %.4f", li, report.block_output_error[li])
     if bar is not None:
         bar.close()
-
-
-def _collect_inputs(runner: nn.Module, name: str, acc: HessianAccumulator, inps, kwargs) -> None:
-    """Run ``runner`` (a decoder block, earlier groups already quantized) on every calibration
-    input up to the linear ``name``, adding that linear's inputs to ``acc``; the rest of the
-    block is skipped."""
-
-    def grab(module, args):
-        acc.add_batch(args[0].detach())
-        raise _Stop
-
-    hook = runner.get_submodule(name).register_forward_pre_hook(grab)
-    try:
-        for x, kw in zip(inps, kwargs):
-            try:
-                runner(x, **kw)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
 
 
 def fast_calib_dtype() -> Optional[torch.dtype]:
