@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bundled import setup
+
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
@@ -36,24 +38,17 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    import torch
-
     import lowbit
     from lowbit import data
     from lowbit.driver import fast_calib_dtype
     from lowbit.eval import perplexity
-    from lowbit.models import load_model
     from lowbit.models.loader import gguf_path
     from lowbit.nn.layer_formats import stored_layer_classes
     from lowbit.recipe import EmbedQuant, Recipe, resolve
 
-    torch.set_num_threads(args.threads)
-    lowbit.set_num_threads(args.threads)
-    model, tok = load_model("bundled")
+    b = setup(args.threads, args.eval_tokens, args.calib_samples, args.seqlen)
+    model, tok, ids, calib, fp = b.model, b.tok, b.ids, b.calib, b.fp
     splits = data.EVAL_SPLITS
-    ids = {sp: data.evaluation(tok, n_tokens=args.eval_tokens, split=sp) for sp in splits}
-    calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0)
-    fp = {sp: perplexity(model, ids[sp], seqlen=args.seqlen) for sp in splits}
     src = gguf_path().stat().st_size
     rows = [("full precision (its source: the bundled Q4_1 GGUF)", fp, f"{_mib(src)} (GGUF)", "-", "-", "-")]
     print(f"FP  in-domain {fp['in-domain']:.3f}  out-of-domain {fp['out-of-domain']:.3f}", flush=True)

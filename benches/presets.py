@@ -22,6 +22,7 @@ import argparse
 import copy
 import time
 
+from _bundled import setup
 from _results import write_results
 
 
@@ -68,17 +69,12 @@ def main() -> int:
     from lowbit import data
     from lowbit.driver import fast_calib_dtype
     from lowbit.eval import perplexity
-    from lowbit.models import load_model
     from lowbit.nn import QUANT_LINEARS
 
-    torch.set_num_threads(args.threads)
-    lowbit.set_num_threads(args.threads)
-    model, tok = load_model("bundled")
-    splits = data.EVAL_SPLITS
-    ids = {sp: data.evaluation(tok, n_tokens=args.eval_tokens, split=sp) for sp in splits}
     parts = args.calib_parts.split(",") if args.calib_parts else None
-    calib = data.calibration(tok, n=args.calib_samples, seqlen=args.seqlen, seed=0, parts=parts, source=args.calib_data)
-    fp = {sp: perplexity(model, ids[sp], seqlen=args.seqlen) for sp in splits}
+    b = setup(args.threads, args.eval_tokens, args.calib_samples, args.seqlen, parts=parts, source=args.calib_data)
+    model, ids, calib, fp = b.model, b.ids, b.calib, b.fp
+    splits = data.EVAL_SPLITS
     rows = [{"preset": "fp32", "ppl": fp, "ratio": {sp: 1.0 for sp in splits}, "bits": 32.0, "act": "-", "kv": "-", "seconds": 0.0}]
     for name in args.presets.split(","):
         q = copy.deepcopy(model)
