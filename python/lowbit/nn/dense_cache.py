@@ -18,17 +18,20 @@ __all__ = ["DenseCache"]
 
 
 class DenseCache:
-    """Mixin for an ``nn.Module`` whose :meth:`_dense` decodes its stored weight (float32)."""
+    """Mixin for an ``nn.Module`` whose ``_dense()`` decodes its stored weight (float32); the layer
+    defines ``_dense``, and overrides :meth:`_stored_buffers` when its codes live in another module."""
 
     cache_dequantized: bool
     _cache: Optional[tuple[tuple, torch.Tensor]]
     _buffers: dict
+    _dense: Callable[[], torch.Tensor]
 
-    def _dense(self) -> torch.Tensor:  # pragma: no cover - every layer defines it
-        raise NotImplementedError
+    def _stored_buffers(self) -> dict:
+        """The buffers holding the stored weight (the caches' keys follow them): the layer's own."""
+        return self._buffers
 
     def _cache_key(self, dtype: torch.dtype) -> tuple:
-        bufs = [t for t in self._buffers.values() if t is not None]
+        bufs = [t for t in self._stored_buffers().values() if t is not None]
         dev = bufs[0].device if bufs else None
         return (dtype, dev) + tuple((t.data_ptr(), t._version) for t in bufs)
 

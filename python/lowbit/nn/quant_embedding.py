@@ -120,10 +120,8 @@ class _RowQuantized(DenseCache, nn.Module):
         """The module whose buffers hold the codes (itself; the embeddings for a tied head)."""
         return self
 
-    def _cache_key(self, dtype: Any) -> tuple:
-        bufs = [t for t in self.storage()._buffers.values() if t is not None]
-        dev = bufs[0].device if bufs else None
-        return (dtype, dev) + tuple((t.data_ptr(), t._version) for t in bufs)
+    def _stored_buffers(self) -> dict:
+        return self.storage()._buffers
 
     def _fill(self, qw: QuantizedWeight) -> None:
         """Pack ``qw`` (one group per row, ``(rows, cols)`` codes) into the buffers (on its codes' device)."""
