@@ -31,10 +31,15 @@ WEIGHTS = {
     for name, m in weight_methods().items()
 }
 ACTS = {"none": None, "a8": ActQuant(8), "a4": ActQuant(4)}
-KVS = {"none": None, "uniform": KVQuant(4, "uniform"), "kvquant": KVQuant(4, "kvquant", calib_samples=2)}
+KVS = {
+    "none": None,
+    "uniform": KVQuant(4, "uniform"),
+    "kvquant": KVQuant(4, "kvquant", calib_samples=2),
+    "akvq": KVQuant(2, "akvq", calib_samples=2, salient_frac=0.1),
+}
 
 # Every rotation with every weight method (A4, uniform KV: the full W4A4KV4 stack), and every
-# activation × KV option with each rotation on one weight method: 41 cells, a few seconds each.
+# activation × KV option with each rotation on one weight method: 50 cells, a few seconds each.
 _SLOW = {("spinquant", "rsavq", "a4", "uniform"), ("none", "rsavq", "a4", "uniform")}  # RSAVQ's layer
 # type is QuIP#'s (VQLinear), which has every cell; RSAVQ itself keeps two
 CELLS = sorted(

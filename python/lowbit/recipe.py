@@ -317,18 +317,23 @@ class KVQuant:
             ``group_size`` in each head; ``"kvquant"`` — KVQuant: keys per channel before RoPE with a
             calibrated range, non-uniform levels learned by sensitivity-weighted k-means, the top
             ``outlier_frac`` kept exact and sparse, values per token likewise; ``"akvq"`` —
-            AKVQ-VL: Hadamard on keys (after RoPE) and values per head, per-token grid, the
-            ``salient_frac`` tokens drawing the most attention at prefill kept in fp16.
+            AKVQ-VL: Hadamard on keys (after RoPE) and values per head, per-token grid (keys
+            smoothed by a calibrated per-channel mean and spread), the ``salient_frac`` tokens
+            drawing the most attention at prefill kept in fp16 (its other options via ``options``).
         group_size: per-token group width (``None`` = the head dim).
         sym: symmetric grid for the uniform method.
         clip_ratio: range shrink for the uniform method.
         outlier_frac: fraction kept in full precision (kvquant).
         sink_tokens: the first tokens (attention sinks) kept in fp16.
         salient_frac: fraction of each prefill's tokens kept in fp16 by attention saliency
-            (akvq; ``None`` = the method's default, 2 %).
+            (akvq; ``None`` = the method's default, 3.5 % at 8 bits).
         fisher: weight the k-means by squared gradients of the loss (else unweighted).
-        calib_samples: calibration sequences used to fit KVQuant's ranges and levels (the first
-            ones of ``calib``; the paper uses 16).
+        calib_samples: calibration sequences the method calibrates on (the first ones of
+            ``calib``): KVQuant's ranges and levels (the paper uses 16), AKVQ's key smoothing.
+        options: the method's own quantizer options by name (``None`` = none), e.g.
+            ``{"key_smoothing": None}`` for ``"akvq"`` — the keys of its quantizer class's
+            ``options`` (:mod:`lowbit.kv`) other than the fields above; JSON scalars only. The
+            values are checked when the quantizer is built.
     """
 
     bits: int = 4
@@ -341,6 +346,7 @@ class KVQuant:
     salient_frac: Optional[float] = None
     fisher: bool = True
     calib_samples: int = 16
+    options: Optional[dict] = None
     version: int = 1
     step: str = field(default="kv", init=False)
 
@@ -360,6 +366,7 @@ class KVQuant:
             raise ValueRangeError(f"group_size: must be a positive int or None, got {self.group_size!r}")
         if self.salient_frac is not None:
             _check_ratio(self.salient_frac, "salient_frac", 0.0, 0.5, lo_open=False)
+        self._check_options()
         used = kv_methods()[self.method].step_options
         for f in fields(self):
             if f.name in _KV_METHOD_OPTIONS and f.name not in used and getattr(self, f.name) != f.default:
@@ -368,21 +375,46 @@ class KVQuant:
                     f"besides bits, group_size and sink_tokens); leave it at {f.default!r}"
                 )
 
+    def _check_options(self) -> None:
+        if self.options is None:
+            return
+        from .kv.base import quantizer_class
+
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise ValueRangeError(f"options: must be a dict of option names to values, or None, got {self.options!r}")
+        own = {f.name for f in fields(self)}
+        taken = sorted(k for k in self.options if k in own)
+        if taken:
+            raise ValueRangeError(f"options: {taken} are fields of KVQuant; set them as KVQuant({taken[0]}=...)")
+        known = quantizer_class(self.method).options
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise ValueRangeError(
+                f"options: the {self.method!r} KV method has no option(s) {unknown}; it takes "
+                f"{sorted(k for k in known if k not in own) or 'none'}"
+            )
+        bad = sorted(k for k, v in self.options.items() if not (v is None or isinstance(v, (bool, int, float, str))))
+        if bad:
+            raise ValueRangeError(f"options: {bad} must be JSON scalars (None, bool, int, float, str)")
+
     @property
     def needs_calibration(self) -> bool:
         from .methods.registry import kv_method
 
-        return kv_method(self.method).needs_calibration
+        needs = kv_method(self.method).needs_calibration
+        return bool(needs(self)) if callable(needs) else bool(needs)
 
     def quantizer_config(self, head_dim: int) -> dict:
         """Keyword arguments of :class:`lowbit.kv.KVQuantizer` (less the head counts): ``bits``,
-        ``method``, ``group_size``, ``sink_tokens`` and the options the method reads (set ones only)."""
+        ``method``, ``group_size``, ``sink_tokens``, the fields the method reads (set ones only) and
+        :attr:`options`."""
         from .methods.registry import kv_method
 
         out = {"bits": self.bits, "method": self.method, "group_size": self.group_size or head_dim, "sink_tokens": self.sink_tokens}
         for name in kv_method(self.method).step_options:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        out.update(self.options or {})
         return out
 
     def describe(self) -> str:

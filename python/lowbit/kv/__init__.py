@@ -9,7 +9,7 @@
 :mod:`.kvquant`        ``"kvquant"`` — KVQuant: pre-RoPE per-channel keys, non-uniform levels
                        (sensitivity-weighted k-means on the Rust k-means), dense-and-sparse
 :mod:`.akvq`           ``"akvq"`` — AKVQ-VL: Hadamard on keys/values per head, attention-salient
-                       tokens kept in fp16
+                       tokens kept in fp16, calibrated key smoothing (:func:`calibrate_akvq`)
 :mod:`.calibrate`      :func:`calibrate_kv`: samples and Fisher weights from a model, for the
                        methods that calibrate
 :mod:`.cache`          :class:`QuantizedKVCache`, the ``transformers`` cache that stores them
@@ -27,7 +27,7 @@ from .base import KV_BITS, KVQuantizer, quantizer_class, quantizer_methods, regi
 from .layout import QuantizedKV
 from .uniform import UniformKVQuantizer
 from .kvquant import KVQuantKVQuantizer, levels_1d
-from .akvq import AKVQQuantizer
+from .akvq import AKVQQuantizer, calibrate_akvq
 from .calibrate import calibrate_kv
 from .cache import QuantizedKVCache, QuantizedKVLayer, kv_bytes_report
 
@@ -40,6 +40,7 @@ __all__ = [
     "AKVQQuantizer",
     "levels_1d",
     "calibrate_kv",
+    "calibrate_akvq",
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "kv_bytes_report",

@@ -95,6 +95,22 @@ def check_fraction(value: Any, arg: str, hi: float = 0.5) -> float:
     return float(value)
 
 
+def rows_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` (float ``(R, D)``) on its own 8-bit min–max grid.
+
+    Returns:
+        ``(codes, scales)``: uint8 ``(R, D)`` and fp16 ``(R, 2)`` holding ``(scale, offset)`` with
+        ``x ≈ offset + scale·c``; the offset is the row minimum rounded down to fp16, the scale
+        rounded up, so every element is within ``scale / 2`` of its reconstruction.
+    """
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape, dtype=torch.uint8), x.new_zeros(0, 2, dtype=torch.float16)
+    lo = fp16_down(x.amin(-1, keepdim=True))
+    scale = fp16_up(((x.amax(-1, keepdim=True) - lo) / 255).clamp_min(FP16_TINY))
+    codes = torch.clamp(torch.round((x - lo) / scale), 0, 255).to(torch.uint8)
+    return codes, torch.cat([scale, lo], -1).to(torch.float16)
+
+
 class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
     """Quantizer of one attention layer's keys and values (base class; see the module docstring).
 
@@ -134,6 +150,9 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
     kinds: ClassVar[tuple[str, ...]] = ("uniform",)
     #: buffers that may hold ±inf; a checkpoint loader refuses NaN anywhere and inf elsewhere
     infinite_buffers: ClassVar[frozenset[str]] = frozenset()
+    #: precision of the salient rows a method is given: 16 (whole fp16) or 8 (8 bits per element,
+    #: an fp16 scale and offset per row); sinks are always fp16. A method may set it per instance.
+    salient_bits: int = 16
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "KVQuantizer":
         if cls is KVQuantizer:
@@ -292,16 +311,23 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             raise ShapeError(f"positions: must have shape ({B}, {S}) (or (1, {S}) / ({S},)), got {tuple(positions.shape)}")
         return positions.to(device=device, dtype=torch.int64).expand(B, S)
 
-    @staticmethod
-    def check_salient(salient: Any, B: int, S: int, device: torch.device) -> Optional[torch.Tensor]:
-        """``None`` or a bool ``(B, S)`` mask of tokens to store whole in fp16 (errors name ``salient``)."""
+    def check_salient(self, salient: Any, B: int, S: int, device: torch.device) -> Optional[torch.Tensor]:
+        """``None``, or a bool mask of tokens to store whole in fp16 as ``(B, H, S)`` (errors name ``salient``).
+
+        ``salient`` is ``(B, S)`` / ``(1, S)`` (the same tokens in every KV head) or ``(B, H, S)`` /
+        ``(1, H, S)`` (per KV head).
+        """
         if salient is None:
             return None
+        H = self.num_kv_heads
         if not isinstance(salient, torch.Tensor) or salient.dtype != torch.bool:
-            raise DTypeError(f"salient: must be a bool torch tensor (batch, seq) or None, got {getattr(salient, 'dtype', type(salient).__name__)}")
-        if tuple(salient.shape) not in ((B, S), (1, S)):
-            raise ShapeError(f"salient: must have shape ({B}, {S}), got {tuple(salient.shape)}")
-        return salient.to(device).expand(B, S)
+            raise DTypeError(f"salient: must be a bool torch tensor (batch, seq) or (batch, {H}, seq), or None, got {getattr(salient, 'dtype', type(salient).__name__)}")
+        shape = tuple(salient.shape)
+        if shape in ((B, S), (1, S)):
+            salient = salient.unsqueeze(1)
+        elif shape not in ((B, H, S), (1, H, S)):
+            raise ShapeError(f"salient: must have shape ({B}, {S}) or ({B}, {H}, {S}), got {shape}")
+        return salient.to(device).expand(B, H, S)
 
     def require_calibrated(self) -> None:
         """Raise :class:`ValueRangeError` naming ``calibrate`` if the method needs a calibration it lacks."""
@@ -314,14 +340,15 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
     # -- packing --------------------------------------------------------------------------------
 
     def _whole_rows(self, positions: torch.Tensor, salient: Optional[torch.Tensor], B: int, H: int, S: int) -> torch.Tensor:
-        """Flat ``(B, H, S)`` row indices (int32) of the tokens stored whole: sinks and salient ones."""
+        """Flat ``(B, H, S)`` row indices (int32) of the rows stored whole: sink tokens, and the
+        ``(B, H, S)`` ``salient`` mask (from :meth:`check_salient`)."""
         dev = positions.device
         if S == 0 or (self.sink_tokens == 0 and salient is None):
             return torch.zeros(0, dtype=torch.int32, device=dev)
-        whole = positions < self.sink_tokens
+        whole = (positions < self.sink_tokens).unsqueeze(1).expand(B, H, S)
         if salient is not None:
             whole = whole | salient
-        return whole.unsqueeze(1).expand(B, H, S).reshape(-1).nonzero().reshape(-1).to(torch.int32)
+        return whole.reshape(-1).nonzero().reshape(-1).to(torch.int32)
 
     def finish(
         self, kind: str, x: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor],
@@ -339,6 +366,13 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         if outlier_mask is not None and rows.numel():
             outlier_mask = outlier_mask.clone()
             outlier_mask.reshape(-1, D)[rows.long()] = False
+        row8: dict = {}
+        if self.salient_bits == 8:  # salient rows at 8 bits, sinks whole
+            r8 = salient & (positions >= self.sink_tokens)[:, None, :] if salient is not None else x.new_zeros(B, H, S, dtype=torch.bool)
+            r8 = r8.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+            rows = self._whole_rows(positions, None, B, H, S)
+            c8, sc8 = rows_8bit(x.detach().float().reshape(-1, D)[r8.long()])
+            row8 = dict(row8_rows=r8, row8_codes=c8, row8_scales=sc8)
         if outlier_mask is not None:
             oidx = outlier_mask.reshape(-1).nonzero().reshape(-1)
             ovals = x16.reshape(-1)[oidx]
@@ -352,7 +386,7 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             scales=None if scales is None else scales.to(torch.float16).contiguous(),
             zeros=None if zeros is None else zeros.to(torch.float16).contiguous(),
             outlier_idx=oidx, outlier_val=ovals,
-            sink_rows=rows, sink_val=x16.reshape(-1, D)[rows.long()],
+            sink_rows=rows, sink_val=x16.reshape(-1, D)[rows.long()], **row8,
         )
 
     def per_token_uniform(self, x: torch.Tensor, positions: torch.Tensor, salient: Optional[torch.Tensor] = None) -> QuantizedKV:
@@ -430,7 +464,8 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         Args:
             k: float ``(batch, num_kv_heads, seq, head_dim)`` (fp32/fp16/bf16), finite.
             positions: int ``(batch, seq)`` absolute positions (``(1, seq)`` or ``(seq,)`` broadcast).
-            salient: optional bool ``(batch, seq)``: tokens to store whole in fp16 besides the sinks.
+            salient: optional bool ``(batch, seq)`` or ``(batch, num_kv_heads, seq)``: tokens (per
+                head) to store whole in fp16 besides the sinks.
 
         Returns:
             The packed :class:`QuantizedKV`.
@@ -462,6 +497,20 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             raise ShapeError(f"qkv: scales of shape {tuple(qkv.scales.shape) if qkv.scales is not None else None} do not split head_dim={D} into groups")
         return D // n
 
+    def decode_uniform(self, qkv: QuantizedKV, codes: torch.Tensor) -> torch.Tensor:
+        """fp32 ``(B, H, S, D)`` of a per-token uniform grid: ``zeros + scales·c`` (asymmetric) or
+        ``scales·(c − 2^(b−1))`` (symmetric), ``codes`` the unpacked int ``(B, H, S, D)`` codes and
+        the group width read from the scales (:meth:`uniform_group`)."""
+        B, H, S, D = qkv.shape
+        g = self.uniform_group(qkv)
+        c = codes.float().reshape(B, H, S, D // g, g)
+        scale = qkv.scales.float()[..., None]  # type: ignore[union-attr]
+        if qkv.zeros is None:
+            x = (c - (1 << (self.bits - 1))) * scale
+        else:
+            x = qkv.zeros.float()[..., None] + c * scale
+        return x.reshape(B, H, S, D)
+
     def dequantize(self, qkv: QuantizedKV) -> torch.Tensor:
         """The dense ``(B, H, S, D)`` tensor of ``qkv``, in ``qkv.dtype``.
 
@@ -485,14 +534,7 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             raise ValueRangeError(f"qkv: a {qkv.kind!r} block cannot be dequantized by a {self.method!r} quantizer")
         codes = unpack(qkv.codes, self.bits, D).long()
         if qkv.kind == "uniform":
-            g = self.uniform_group(qkv)
-            c = codes.float().reshape(B, H, S, D // g, g)
-            scale = qkv.scales.float()[..., None]  # type: ignore[union-attr]
-            if qkv.zeros is None:
-                x = (c - (1 << (self.bits - 1))) * scale
-            else:
-                x = qkv.zeros.float()[..., None] + c * scale
-            x = x.reshape(B, H, S, D)
+            x = self.decode_uniform(qkv, codes)
         else:
             self.require_calibrated()
             x = self._decode(qkv, codes)
@@ -501,6 +543,9 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             x.view(-1)[qkv.outlier_idx.long()] = qkv.outlier_val.float()
         if qkv.sink_rows.numel():
             x.view(-1, D)[qkv.sink_rows.long()] = qkv.sink_val.float()
+        if qkv.row8_rows is not None and qkv.row8_rows.numel():
+            sc = qkv.row8_scales.float()  # type: ignore[union-attr]
+            x.view(-1, D)[qkv.row8_rows.long()] = sc[:, 1:] + qkv.row8_codes.float() * sc[:, :1]  # type: ignore[union-attr]
         return x.to(qkv.dtype)
 
     def fake(self, x: torch.Tensor, positions: torch.Tensor, kind: str, salient: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -514,7 +559,8 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
             x: float ``(batch, num_kv_heads, seq, head_dim)``.
             positions: int ``(batch, seq)``.
             kind: ``"key"`` or ``"value"``.
-            salient: optional bool ``(batch, seq)`` tokens kept whole (see :meth:`quantize_keys`).
+            salient: optional bool ``(batch, seq)`` or ``(batch, num_kv_heads, seq)`` tokens kept
+                whole (see :meth:`quantize_keys`).
 
         Returns:
             Tensor of ``x``'s shape and dtype.
@@ -530,8 +576,8 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         return q
 
     def saliency(self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, attention_mask: Any, scaling: float) -> Optional[torch.Tensor]:
-        """The bool ``(B, S)`` mask of tokens to keep whole, from the prefill's full-precision
-        attention (methods with :attr:`wants_saliency`); ``None`` otherwise."""
+        """The bool ``(B, S)`` or ``(B, H, S)`` mask of tokens to keep whole, from the prefill's
+        full-precision attention (methods with :attr:`wants_saliency`); ``None`` otherwise."""
         return None
 
     def calibrate(self, *args: Any, **kwargs: Any) -> dict:

@@ -2,7 +2,8 @@
 
 A block of ``(B, H, S, D)`` keys or values is kept as packed codes (:func:`lowbit.pack`, LSB
 first, one row of ``D`` codes per token and head), optional fp16 per-group scales and zeros, sparse
-fp16 outliers (flat int32 indices + values) and whole fp16 rows (attention sinks and salient tokens).
+fp16 outliers (flat int32 indices + values), whole fp16 rows (attention sinks and salient tokens)
+and, for a method that keeps salient tokens at 8 bits, whole 8-bit rows with a scale and offset each.
 Every KV quantizer (:mod:`lowbit.kv.base`) writes and reads this one layout; the cache
 (:mod:`lowbit.kv.cache`) grows it by concatenation along the token axis.
 """
@@ -41,8 +42,12 @@ class QuantizedKV:
             stored exactly.
         outlier_val: fp16 ``(K,)`` their values.
         sink_rows: int32 ``(R,)`` flat indices into ``(B, H, S)`` of whole vectors stored exactly
-            (tokens at positions ``< sink_tokens``).
+            (tokens at positions ``< sink_tokens``, and salient tokens kept in fp16).
         sink_val: fp16 ``(R, D)`` their values.
+        row8_rows: int32 ``(R8,)`` flat indices into ``(B, H, S)`` of whole vectors stored at
+            8 bits (salient tokens of a method that keeps them at 8 bits), or ``None``.
+        row8_codes: uint8 ``(R8, D)`` their codes: ``x ≈ offset + scale·c``.
+        row8_scales: fp16 ``(R8, 2)`` each row's ``(scale, offset)``.
     """
 
     kind: str
@@ -56,6 +61,9 @@ class QuantizedKV:
     outlier_val: torch.Tensor
     sink_rows: torch.Tensor
     sink_val: torch.Tensor
+    row8_rows: Optional[torch.Tensor] = None
+    row8_codes: Optional[torch.Tensor] = None
+    row8_scales: Optional[torch.Tensor] = None
 
     @property
     def seq_len(self) -> int:
@@ -65,7 +73,8 @@ class QuantizedKV:
     def nbytes(self) -> int:
         """Bytes actually stored: packed codes, scales/zeros, outliers (index + value), sinks (index + values)."""
         total = self.codes.numel() * self.codes.element_size()
-        for t in (self.scales, self.zeros, self.outlier_idx, self.outlier_val, self.sink_rows, self.sink_val):
+        for t in (self.scales, self.zeros, self.outlier_idx, self.outlier_val, self.sink_rows, self.sink_val,
+                  self.row8_rows, self.row8_codes, self.row8_scales):
             if t is not None:
                 total += t.numel() * t.element_size()
         return int(total)
@@ -80,12 +89,21 @@ class QuantizedKV:
         bh = i // (D * S) if S else i * 0
         return bh // H, bh % H, s, d
 
-    def _split_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _split_rows(self, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(batch, head, token)`` of flat row indices (``sink_rows`` unless ``rows`` given)."""
         B, H, S, D = self.shape
-        r = self.sink_rows.long()
+        r = (self.sink_rows if rows is None else rows).long()
         s = r % S if S else r * 0
         bh = r // S if S else r * 0
         return bh // H, bh % H, s
+
+    def _row8(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, codes, scales)`` of the 8-bit rows, empty tensors when there are none."""
+        if self.row8_rows is not None:
+            return self.row8_rows, self.row8_codes, self.row8_scales  # type: ignore[return-value]
+        dev, D = self.codes.device, self.shape[3]
+        return (torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, D, dtype=torch.uint8, device=dev),
+                torch.zeros(0, 2, dtype=torch.float16, device=dev))
 
     @staticmethod
     def _flat_idx(b: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -123,7 +141,7 @@ class QuantizedKV:
         new_shape = (B, H, S_tot, D)
         if B * H * S_tot * D >= 2**31:
             raise ShapeError(f"chunks: {new_shape} holds 2^31 elements or more; int32 outlier indices cannot address it")
-        idx, val, rows, sval = [], [], [], []
+        idx, val, rows, sval, r8, c8, s8 = [], [], [], [], [], [], []
         off = 0
         for c in chunks:
             b, h, s, d = c._split_idx()
@@ -132,7 +150,13 @@ class QuantizedKV:
             b, h, s = c._split_rows()
             rows.append(QuantizedKV._flat_row(b, h, s + off, new_shape))
             sval.append(c.sink_val)
+            rr, cc, ss = c._row8()
+            b, h, s = c._split_rows(rr)
+            r8.append(QuantizedKV._flat_row(b, h, s + off, new_shape))
+            c8.append(cc)
+            s8.append(ss)
             off += c.shape[2]
+        any8 = any(c.row8_rows is not None for c in chunks)
 
         def cat_opt(ts: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
             return None if ts[0] is None else torch.cat(ts, dim=2)  # type: ignore[arg-type]
@@ -143,6 +167,8 @@ class QuantizedKV:
             scales=cat_opt([c.scales for c in chunks]), zeros=cat_opt([c.zeros for c in chunks]),
             outlier_idx=torch.cat(idx), outlier_val=torch.cat(val),
             sink_rows=torch.cat(rows), sink_val=torch.cat(sval),
+            row8_rows=torch.cat(r8) if any8 else None, row8_codes=torch.cat(c8) if any8 else None,
+            row8_scales=torch.cat(s8) if any8 else None,
         )
 
     def narrow(self, start: int, length: int) -> "QuantizedKV":
@@ -159,12 +185,19 @@ class QuantizedKV:
         def sl(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t[:, :, start : start + length].contiguous()
 
+        row8: dict = {}
+        if self.row8_rows is not None:
+            eb, eh, es = self._split_rows(self.row8_rows)
+            ekeep = (es >= start) & (es < start + length)
+            row8 = dict(row8_rows=self._flat_row(eb[ekeep], eh[ekeep], es[ekeep] - start, new_shape),
+                        row8_codes=self.row8_codes[ekeep], row8_scales=self.row8_scales[ekeep])  # type: ignore[index]
         return replace(
             self, shape=new_shape, codes=self.codes[:, :, start : start + length].contiguous(), scales=sl(self.scales), zeros=sl(self.zeros),
             outlier_idx=self._flat_idx(b[keep], h[keep], s[keep] - start, d[keep], new_shape),
             outlier_val=self.outlier_val[keep],
             sink_rows=self._flat_row(rb[rkeep], rh[rkeep], rs[rkeep] - start, new_shape),
             sink_val=self.sink_val[rkeep],
+            **row8,
         )
 
     def index_batch(self, index: torch.Tensor) -> "QuantizedKV":
@@ -176,7 +209,9 @@ class QuantizedKV:
         new_shape = (int(index.numel()), H, S, D)
         b, h, s, d = self._split_idx()
         rb, rh, rs = self._split_rows()
-        idx, val, rows, sval = [], [], [], []
+        r8, c8, s8 = self._row8()
+        eb, eh, es = self._split_rows(r8)
+        idx, val, rows, sval, rows8, codes8, scales8 = [], [], [], [], [], [], []
         for j, old in enumerate(index.tolist()):
             m = b == old
             idx.append(self._flat_idx(torch.full_like(b[m], j), h[m], s[m], d[m], new_shape))
@@ -184,6 +219,10 @@ class QuantizedKV:
             m = rb == old
             rows.append(self._flat_row(torch.full_like(rb[m], j), rh[m], rs[m], new_shape))
             sval.append(self.sink_val[m])
+            m = eb == old
+            rows8.append(self._flat_row(torch.full_like(eb[m], j), eh[m], es[m], new_shape))
+            codes8.append(c8[m])
+            scales8.append(s8[m])
 
         def sel(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.index_select(0, index)
@@ -195,6 +234,9 @@ class QuantizedKV:
             outlier_val=torch.cat(val) if val else self.outlier_val[:0],
             sink_rows=torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int32, device=dev),
             sink_val=torch.cat(sval) if sval else self.sink_val[:0],
+            row8_rows=(torch.cat(rows8) if rows8 else r8[:0]) if self.row8_rows is not None else None,
+            row8_codes=(torch.cat(codes8) if codes8 else c8[:0]) if self.row8_rows is not None else None,
+            row8_scales=(torch.cat(scales8) if scales8 else s8[:0]) if self.row8_rows is not None else None,
         )
 
 

@@ -26,7 +26,7 @@ register a :class:`PostWeightMethod` under their step kind; the loop finds them 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .._registry import Registry
 from ..errors import ValueRangeError
@@ -132,14 +132,15 @@ class KVMethod:
 
     The loop installs the step's quantizer (the :class:`~lowbit.kv.base.KVQuantizer` subclass
     registered under the same name) in every attention; ``calibrate(step, model, calib)``, if
-    given, then fits it on calibration ids. ``step_options`` are the ``KVQuant`` fields the method
+    given, then fits it on calibration ids; ``needs_calibration`` says whether it must have them
+    (a bool, or a function of the step for a method whose options decide). ``step_options`` are the ``KVQuant`` fields the method
     reads besides ``bits``, ``group_size`` and ``sink_tokens`` (a step that sets another one away
     from its default is refused when the recipe is built); ``describe(step)`` the summary line.
     """
 
     name: str
     calibrate: Optional[Callable[..., None]] = None
-    needs_calibration: bool = False
+    needs_calibration: Union[bool, Callable[[Any], bool]] = False
     step_options: tuple[str, ...] = ()
     describe: Optional[Callable[[Any], str]] = None
 
