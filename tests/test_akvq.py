@@ -49,7 +49,7 @@ def smoothed(bits: int = 2, seed: int = 0, **kw) -> AKVQQuantizer:
 
 def test_options_and_sizes():
     q = AKVQQuantizer(H, D, 2)
-    assert (q.group, q.key_group, q.salient_frac, q.salient_bits, q.mse_clip, q.key_smoothing, q.salient_per_head) == (16, 8, 0.035, 8, True, 0.5, True)
+    assert (q.group, q.key_group, q.salient_frac, q.salient_bits, q.mse_clip, q.key_smoothing, q.salient_per_head) == (16, 8, 0.035, 8, True, 1.0, True)
     assert not q.is_calibrated and AKVQQuantizer(H, D, 2, key_smoothing=None).is_calibrated
     # codes 16·2/8 = 4 bytes per head, keys 2 groups and values 1 group of fp16 (scale, offset), and
     # 3.5 % of the rows again at 8 bits (D codes, fp16 scale and offset, int32 index)
@@ -64,7 +64,7 @@ def test_options_and_sizes():
 
 
 def test_calibration_fits_mean_and_spread():
-    q = smoothed()
+    q = smoothed(key_smoothing=0.5)  # key_scale = σ^0.5
     assert q.is_calibrated
     torch.testing.assert_close(q.key_mean, torch.linspace(-4, 4, D).expand(H, D), atol=0.2, rtol=0)
     torch.testing.assert_close(q.key_scale, torch.linspace(0.5, 2.0, D).sqrt().expand(H, D), atol=0, rtol=0.08)

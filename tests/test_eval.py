@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit import eval as lbeval
-from lowbit.errors import ShapeError
+from lowbit.errors import DTypeError, ShapeError
 from lowbit.models import random_ids, tiny_model
 
 
@@ -91,7 +91,6 @@ def test_plain_logits_model():
         (dict(seqlen=0), "seqlen"),
         (dict(batch_size=0), "batch_size"),
         (dict(tokens=torch.zeros(2, 64, dtype=torch.long)), r"\(1, T\)"),
-        (dict(tokens=torch.zeros(1, 64)), "dtype"),
     ],
 )
 def test_validation(model, kwargs, match):
@@ -99,6 +98,12 @@ def test_validation(model, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ShapeError, match=match):
         lbeval.perplexity(model, args.pop("tokens"), **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.complex64])
+def test_token_dtype(model, dtype):
+    with pytest.raises(DTypeError, match="dtype"):
+        lbeval.perplexity(model, torch.zeros(1, 64, dtype=dtype), seqlen=32)
 
 
 def test_design_form_with_tokenizer_and_text():

@@ -31,6 +31,13 @@ def is_torch(x: Any) -> bool:
     return _torch is not None and isinstance(x, _torch.Tensor)
 
 
+def is_integer_tensor(x: Any) -> bool:
+    """True for a torch tensor of an integer dtype (``int8`` … ``int64``, ``uint8`` …): not
+    floating point, complex or bool. The one predicate every token-id, position, code and
+    permutation check uses."""
+    return is_torch(x) and not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == _torch.bool)
+
+
 def tracks_grad(x: Any) -> bool:
     """True for a torch tensor that autograd records: it requires grad and grad mode is on."""
     return is_torch(x) and x.requires_grad and _torch.is_grad_enabled()

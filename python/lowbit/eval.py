@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import ShapeError, ValueRangeError
+from ._arrays import is_integer_tensor
+from .errors import DTypeError, ShapeError, ValueRangeError
 
 __all__ = ["windows", "nll", "perplexity", "check_fits_model", "check_length"]
 
@@ -30,8 +31,8 @@ def windows(tokens: torch.Tensor, seqlen: int = 512) -> torch.Tensor:
         tokens = tokens[0]
     if tokens.dim() != 1:
         raise ShapeError(f"tokens must have shape (1, T), got {tuple(tokens.shape)}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ShapeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    if not is_integer_tensor(tokens):
+        raise DTypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
     if int(seqlen) < 2:
         raise ShapeError(f"seqlen must be at least 2, got {seqlen!r}")
     T = tokens.numel()
@@ -150,7 +151,8 @@ def perplexity(
         progress: show a tqdm bar over the batches.
 
     Raises:
-        ShapeError: ``T < 2``, ``seqlen < 2``, ``batch_size < 1`` or ``tokens`` not ``(1, T)`` integers.
+        ShapeError: ``T < 2``, ``seqlen < 2``, ``batch_size < 1`` or ``tokens`` not ``(1, T)``.
+        DTypeError: ``tokens`` not integer token ids.
         ValueRangeError: windows longer than the model's ``max_position_embeddings``, token ids
             outside its vocabulary, or a loss that is not finite (the model's logits hold NaN or
             inf): a perplexity of ``nan`` is never returned.

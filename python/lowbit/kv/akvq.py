@@ -29,7 +29,7 @@ the gap at a few percent more bytes:
   in spread, get twice the scales of values.
 * ``mse_clip`` (default on): each group's range is the one of 15 shrinks of min–max with the least
   squared error (:meth:`~lowbit.kv.base.KVQuantizer.uniform_grid`).
-* ``key_smoothing`` (default 0.5; ``None`` = off): keys are centred by their calibrated per-channel
+* ``key_smoothing`` (default 1.0; ``None`` = off): keys are centred by their calibrated per-channel
   mean ``μ`` (rotated, after RoPE) and divided by ``σ^α`` (``σ`` the channel's standard deviation,
   ``α = key_smoothing``) before the per-token grid, and the two are undone when dequantizing. The
   mean is shared by every token of a head, so it moves no attention weight by itself; it frees the
@@ -86,7 +86,7 @@ class AKVQQuantizer(KVQuantizer):
     rotate_values = True
     wants_saliency = True
     kinds = ("uniform", "akvq_key")
-    options = {"salient_frac": 0.035, "salient_bits": 8, "salient_per_head": True, "key_group_size": None, "mse_clip": True, "key_smoothing": 0.5}
+    options = {"salient_frac": 0.035, "salient_bits": 8, "salient_per_head": True, "key_group_size": None, "mse_clip": True, "key_smoothing": 1.0}
 
     key_mean: torch.Tensor
     key_scale: torch.Tensor
@@ -103,7 +103,7 @@ class AKVQQuantizer(KVQuantizer):
         salient_per_head: bool = True,
         key_group_size: Optional[int] = None,
         mse_clip: bool = True,
-        key_smoothing: Optional[float] = 0.5,
+        key_smoothing: Optional[float] = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_kv_heads, head_dim, bits, method, **kwargs)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from .._arrays import is_integer_tensor
 from ..errors import DTypeError, ShapeError, ValueRangeError
 from .layout import FP16_TINY, QuantizedKV, fp16_down, fp16_up
 
@@ -303,7 +304,7 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         """int64 ``(B, S)`` positions from ``(B, S)``, ``(1, S)`` or ``(S,)`` (errors name ``positions``)."""
         if not isinstance(positions, torch.Tensor):
             raise DTypeError(f"positions: must be an int64 torch tensor (batch, seq), got {type(positions).__name__}")
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        if not is_integer_tensor(positions):
             raise DTypeError(f"positions: must be an integer tensor, got {positions.dtype}")
         if positions.dim() == 1:
             positions = positions.unsqueeze(0)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._arrays import is_integer_tensor
 from ..errors import DTypeError, ShapeError, ValueRangeError
 from .base import KVQuantizer
 
@@ -44,7 +45,7 @@ def _targets(model: nn.Module) -> list[tuple[int, tuple[Any, Any], KVQuantizer]]
 def _check_ids(calib_ids: Any) -> torch.Tensor:
     if not isinstance(calib_ids, torch.Tensor):
         raise DTypeError(f"calib_ids: must be an int64 torch tensor (n, seqlen), got {type(calib_ids).__name__}")
-    if calib_ids.is_floating_point() or calib_ids.is_complex() or calib_ids.dtype == torch.bool:
+    if not is_integer_tensor(calib_ids):
         raise DTypeError(f"calib_ids: must hold integer token ids, got {calib_ids.dtype}")
     if calib_ids.dim() == 1:
         calib_ids = calib_ids.unsqueeze(0)

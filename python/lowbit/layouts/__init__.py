@@ -5,13 +5,15 @@ per layout, read by the stored layers (:mod:`lowbit.nn`) and by the GPU kernels'
 * :mod:`~lowbit.layouts.uniform` — the packed uniform / ternary / binary codes of format
   ``packed`` (:class:`~lowbit.nn.QuantLinear`): :class:`~lowbit.layouts.uniform.PackingFormat`,
   :func:`~lowbit.layouts.uniform.storage_bits`, the stored tensors' dtypes, packing and unpacking
-  the code words.
+  the code words, and :func:`~lowbit.layouts.uniform.check_codes` (the one check of a method's codes).
+* :mod:`~lowbit.layouts.rows` — the per-row packed codes of the vocabulary layers (formats
+  ``embedding`` and ``head``): 4/8 bits LSB first, 6 bits as a 4-bit and a 2-bit plane.
 
 This package imports neither :mod:`lowbit.nn` nor :mod:`lowbit.kernels` (``tests/test_layouts.py``).
 """
 
 from __future__ import annotations
 
-from . import uniform
+from . import rows, uniform
 
-__all__ = ["uniform"]
+__all__ = ["rows", "uniform"]

@@ -24,13 +24,16 @@ Pure functions of tensors and sizes: nothing here knows a module (``layouts`` im
 from __future__ import annotations
 
 import enum
+from typing import Optional
 
 import torch
 
-from ..errors import UnsupportedSizeError
+from .._arrays import is_integer_tensor
+from ..errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
 from ..ops import pack, pack_ternary, packed_size, unpack, unpack_ternary
 
 __all__ = [
+    "check_codes",
     "PACK_BITS",
     "STORED_DTYPES",
     "PackingFormat",
@@ -108,6 +111,28 @@ def bytes_per_row(in_features: int, kind: str, bits: int) -> int:
     if PackingFormat.for_kind(kind) is PackingFormat.BASE3:
         return -(-in_features // 5)
     return packed_size(in_features, storage_bits(bits))
+
+
+def check_codes(codes: object, max_code: int, grid: str, shape: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``codes`` checked as a 2-D integer torch tensor (of ``shape`` when given) with every entry
+    in ``[0, max_code]``; returns its detached CPU copy. Errors name ``codes``; ``grid`` says
+    which grid in the range error (e.g. ``"a uniform 4-bit grid"``).
+
+    Raises:
+        ShapeError: not a 2-D tensor, or not of ``shape``.
+        DTypeError: not an integer dtype.
+        ValueRangeError: a code outside ``[0, max_code]``.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or (shape is not None and tuple(codes.shape) != tuple(shape)):
+        want = f"shape {tuple(shape)}" if shape is not None else "a 2-D (rows, cols) tensor"
+        raise ShapeError(f"codes: must be {want}, got {tuple(getattr(codes, 'shape', ())) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+    if not is_integer_tensor(codes):
+        raise DTypeError(f"codes: must be an integer tensor, got {codes.dtype}")
+    c = codes.detach().cpu()
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > max_code):
+        bad = int(c.min()) if int(c.min()) < 0 else int(c.max())
+        raise ValueRangeError(f"codes: must be in [0, {max_code}] for {grid}, found {bad}")
+    return c
 
 
 def pack_codes(codes: torch.Tensor, kind: str, bits: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from .._arrays import is_integer_tensor
 from ..errors import DTypeError, ShapeError, ValueRangeError
 from ..models import get_adapter
 
@@ -52,7 +53,7 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 def _check_calib(calib: Any, vocab: Optional[int]) -> torch.Tensor:
     if not isinstance(calib, torch.Tensor):
         raise DTypeError(f"calib: expected an int64 torch.Tensor of token ids (n, seqlen), got {type(calib).__name__}")
-    if calib.dtype.is_floating_point or calib.dtype.is_complex or calib.dtype == torch.bool:
+    if not is_integer_tensor(calib):
         raise DTypeError(f"calib: expected integer token ids (int64), got {calib.dtype}")
     if calib.dim() != 2:
         raise ShapeError(f"calib: expected shape (n, seqlen), got {tuple(calib.shape)}")

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .._arrays import is_integer_tensor
 from ..errors import DTypeError, ShapeError, ValueRangeError
 from ..grids.base import QuantizedWeight
 from ..grids.uniform import check_weight
@@ -183,7 +184,7 @@ def check_perm(perm: torch.Tensor, n: int, name: str = "perm") -> torch.Tensor:
     """Check that ``perm`` is a permutation of ``range(n)``; return it as int64 (CPU)."""
     if not isinstance(perm, torch.Tensor):
         perm = torch.as_tensor(perm)
-    if perm.dtype.is_floating_point or perm.dtype == torch.bool or perm.dtype.is_complex:
+    if not is_integer_tensor(perm):
         raise DTypeError(f"{name}: expected an integer tensor, got {perm.dtype}")
     perm = perm.detach().to("cpu", torch.int64)
     if tuple(perm.shape) != (n,):

@@ -8,7 +8,7 @@ per row: a token's embedding, or a token's output row. Buffers (the checkpoint t
 ============  ==================  ==================================================================
 buffer        dtype / shape       content
 ============  ==================  ==================================================================
-``qweight``   uint8 ``(rows, B)``  each row's ``cols`` codes packed (:data:`PACKINGS`)
+``qweight``   uint8 ``(rows, B)``  each row's ``cols`` codes packed (:mod:`lowbit.layouts.rows`)
 ``scales``    fp16 ``(rows,)``    per-row scale
 ``zeros``     fp16 ``(rows,)``    per-row zero point in code units (asymmetric grids only)
 ``bias``      float ``(rows,)``   the head's bias (head only, when the architecture's has one)
@@ -18,11 +18,7 @@ The matrix is ``W[r, j] = scales[r] · (code[r, j] − zero[r])``, ``zero`` the 
 ``2^(bits−1)`` when symmetric — :class:`~lowbit.grids.base.QuantizedWeight`'s formula with one group
 per row, so the layers built from a method's ``QuantizedWeight`` decode exactly the weight it chose.
 
-Packing of a row (fixed forever: checkpoints depend on it; ``B`` bytes per row):
-
-* ``"lsb"`` (4 and 8 bits): :func:`lowbit.pack` with ``bits`` bits per code, ``B = ceil(cols·bits/8)``.
-* ``"lsb4+2"`` (6 bits): two planes, :func:`lowbit.pack` of the low 4 bits of every code, then of
-  the high 2 bits: ``B = ceil(cols/2) + ceil(cols/4)`` (6 bits per code when ``4 | cols``).
+The packing of a row (``"lsb"`` at 4 and 8 bits, ``"lsb4+2"`` at 6) is :mod:`lowbit.layouts.rows`.
 
 **Tied embeddings.** A head tied to the embeddings (``tied_to``, the embedding module's name)
 stores nothing of its own: it multiplies by the embedding's codes, so a checkpoint holds the
@@ -42,49 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DTypeError, ShapeError, UnsupportedSizeError, ValueRangeError
+from ..errors import DTypeError, ShapeError, ValueRangeError
 from ..grids.base import QuantizedWeight
-from ..ops import pack, packed_size, unpack
+from ..layouts.rows import PACKINGS, ROW_BITS, check_bits, pack_rows, row_bytes, unpack_rows
+from ..layouts.uniform import check_codes
 from .dense_cache import DenseCache
 from .quant_linear import _check_fp16_exact, _check_int
 
 __all__ = ["EMBED_BITS", "PACKINGS", "QuantEmbedding", "QuantHead", "row_bytes"]
 
 #: the code widths the vocabulary layers store
-EMBED_BITS = (4, 6, 8)
-#: the packing of each width (see the module docstring)
-PACKINGS = {4: "lsb", 6: "lsb4+2", 8: "lsb"}
+EMBED_BITS = ROW_BITS
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_bits(bits: Any) -> int:
-    if isinstance(bits, bool) or bits not in EMBED_BITS:
-        raise UnsupportedSizeError(f"bits: {bits!r} is not supported for embeddings and heads; choose from {EMBED_BITS}")
-    return int(bits)
-
-
-def row_bytes(cols: int, bits: int) -> int:
-    """Bytes of one packed row of ``cols`` codes of ``bits`` (4, 6 or 8) bits."""
-    if _check_bits(bits) == 6:
-        return packed_size(cols, 4) + packed_size(cols, 2)
-    return packed_size(cols, bits)
-
-
-def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(rows, cols)`` uint8 codes → ``(rows, row_bytes(cols, bits))`` uint8 (module docstring)."""
-    if bits == 6:
-        return torch.cat([pack(codes & 0xF, 4), pack(codes >> 4, 2)], dim=1)
-    return pack(codes, bits)
-
-
-def _unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_rows`: ``(rows, B)`` uint8 → ``(rows, cols)`` uint8, on ``packed``'s device."""
-    if bits == 6:
-        b4 = packed_size(cols, 4)
-        low = unpack(packed[:, :b4].contiguous(), 4, cols)
-        high = unpack(packed[:, b4:].contiguous(), 2, cols)
-        return low | (high << 4)
-    return unpack(packed.contiguous(), bits, cols)
+_check_bits = check_bits
 
 
 class _RowQuantized(DenseCache, nn.Module):
@@ -126,10 +92,7 @@ class _RowQuantized(DenseCache, nn.Module):
     def _fill(self, qw: QuantizedWeight) -> None:
         """Pack ``qw`` (one group per row, ``(rows, cols)`` codes) into the buffers (on its codes' device)."""
         codes = qw.codes
-        if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or tuple(codes.shape) != (self._rows, self._cols):
-            raise ShapeError(f"codes: must have shape {(self._rows, self._cols)}, got {tuple(getattr(codes, 'shape', ()))}")
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
-            raise DTypeError(f"codes: must be an integer tensor, got {codes.dtype}")
+        c = check_codes(codes, (1 << self.bits) - 1, f"{self.bits} bits", shape=(self._rows, self._cols))
         if qw.kind != "uniform":
             raise ValueRangeError(f"kind: the vocabulary layers store a uniform grid, got {qw.kind!r}")
         if qw.group_size != self._cols or qw.perm is not None:
@@ -142,12 +105,7 @@ class _RowQuantized(DenseCache, nn.Module):
         if self.sym and qw.zero_const != self.zero_const:
             raise ValueRangeError(f"zero_const: a symmetric {self.bits}-bit grid has zero point {self.zero_const}, got {qw.zero_const}")
         device = codes.device
-        c = codes.detach().cpu()
-        hi = (1 << self.bits) - 1
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) > hi):
-            bad = int(c.min()) if int(c.min()) < 0 else int(c.max())
-            raise ValueRangeError(f"codes: must be in [0, {hi}] for {self.bits} bits, found {bad}")
-        self.qweight = _pack_rows(c.to(torch.uint8), self.bits).contiguous().to(device)
+        self.qweight = pack_rows(c.to(torch.uint8), self.bits).contiguous().to(device)
         for name, t in (("scales", qw.scales), ("zeros", qw.zeros)):
             if t is None:
                 continue
@@ -159,7 +117,7 @@ class _RowQuantized(DenseCache, nn.Module):
         """``(rows, cols)`` uint8 codes (of the row indices ``rows`` when given), on the buffers' device."""
         s = self.storage()
         q = s.qweight if rows is None else s.qweight.index_select(0, rows)
-        return _unpack_rows(q.detach(), self.bits, self._cols)
+        return unpack_rows(q.detach(), self.bits, self._cols)
 
     def _decode(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         s = self.storage()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DTypeError, ShapeError, ValueRangeError
+from ..errors import ShapeError, ValueRangeError
 from ..grids.base import GRID_KINDS, QuantizedWeight
 from ..layouts import uniform as _layout
 from ..layouts.uniform import STORED_DTYPES, PackingFormat, storage_bits
@@ -159,10 +159,7 @@ class QuantLinear(DenseCache, nn.Module):
                 float16, a ``perm`` that is not a permutation.
         """
         codes = qw.codes
-        if not isinstance(codes, torch.Tensor) or codes.ndim != 2:
-            raise ShapeError(f"codes: must be a 2-D (out, in) tensor, got {getattr(codes, 'shape', type(codes))}")
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
-            raise DTypeError(f"codes: must be an integer tensor, got {codes.dtype}")
+        c = _layout.check_codes(codes, _layout.max_code(qw.kind, qw.bits), f"a {qw.kind} {qw.bits}-bit grid")
         out, n_in = codes.shape
         device = codes.device
         sym = qw.zeros is None
@@ -174,11 +171,6 @@ class QuantLinear(DenseCache, nn.Module):
         )
         n_groups = module.n_groups
 
-        c = codes.detach().cpu()
-        max_code = module.max_code
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) > max_code):
-            bad = int(c.min()) if int(c.min()) < 0 else int(c.max())
-            raise ValueRangeError(f"codes: must be in [0, {max_code}] for a {qw.kind} {qw.bits}-bit grid, found {bad}")
         module.qweight = _layout.pack_codes(c, qw.kind, qw.bits).contiguous().to(device)
 
         if tuple(qw.scales.shape) != (out, n_groups):
