@@ -8,20 +8,20 @@ RTN with the MSE clip search, tied head kept tied). Every recipe runs in full (G
 copy of the model, is saved with its tokenizer to a temporary folder (size on disk: every file
 ``lowbit.save`` writes, and ``model.safetensors`` alone) and evaluated on both splits, in-domain
 (tragedies) and out-of-domain (news), FP measured in the same run. Calibration: the built-in mix,
-passes in bfloat16 where the CPU has it natively (as the CLI does). Writes the markdown table to
-``--out`` (default ``benches/results/<date>-embed-quant.md``).
+passes in bfloat16 where the CPU has it natively (as the CLI does). Writes
+``benches/results/<date>-embed-quant.{json,md}``, or only the markdown table to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import tempfile
 import time
 from pathlib import Path
 
 from _bundled import setup
+from _results import write_results
 
 
 def _mib(n: int) -> str:
@@ -96,9 +96,13 @@ def main() -> int:
                   f"| {total} | {weights} | {vocab} | {secs} |")
     text = "\n".join(md)
     print(text)
-    out = args.out or Path(__file__).parent / "results" / f"{dt.date.today().isoformat()}-embed-quant.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    data_rows = [{"model": label, "ppl": ppl, "size_on_disk": total, "model_safetensors": weights, "vocab_bits": vocab, "seconds": secs}
+                 for label, ppl, total, weights, vocab, secs in rows]
+    if args.out is None:
+        write_results("embed-quant", {"settings": vars(args), "rows": data_rows}, text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
     return 0
 
 
