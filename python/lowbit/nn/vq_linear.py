@@ -8,8 +8,8 @@ Buffers (the checkpoint tensors; ``s`` numbers the stages from 0):
 buffer          dtype / shape           content
 ==============  ======================  ==========================================================
 ``codes{s}``    uint8 ``(rows_s, B_s)``  stage ``s``'s indices, one packed row per covered output row:
-                                        16-bit indices as little-endian byte pairs, 8-bit as bytes,
-                                        1–4-bit with :func:`lowbit.pack` (LSB first)
+                                        (:mod:`lowbit.layouts.vq`: 16-bit as little-endian byte
+                                        pairs, 8-bit as bytes, 1–4-bit LSB first)
 ``table{s}``    fp16 ``(k_s, dim)``     a learned codebook (``"learned"`` stages only)
 ``rows{s}``     int32 ``(rows_s,)``     the output rows stage ``s`` covers (only when not all)
 ``row_scale``   fp16 ``(out,)``         per-row scale
@@ -38,47 +38,18 @@ from torch import nn
 
 from ..errors import ShapeError, ValueRangeError
 from ..grids.vq import CODEBOOKS, VQStage, VQWeight, index_bits
-from ..ops import pack, packed_size, unpack
+from ..layouts.vq import bytes_per_row as _bytes_per_row
+from ..layouts.vq import pack_indices as _pack_indices
+from ..layouts.vq import pack_signs as _pack_signs
+from ..layouts.vq import sign_bytes as _sign_bytes
+from ..layouts.vq import unpack_indices as _unpack_indices
+from ..layouts.vq import unpack_signs as _unpack_signs
 from .dense_cache import DenseCache
 from .online import online_hadamard
 
 __all__ = ["VQLinear"]
 
 _STAGE_FIELDS = ("codebook", "k", "index_bits", "rows", "scale")
-
-
-def _pack_indices(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(rows, m)`` integer indices → ``(rows, B)`` uint8 (see the module docstring)."""
-    c = codes.detach().cpu().numpy()
-    if bits == 16:
-        return torch.from_numpy(np.ascontiguousarray(c.astype("<u2")).view(np.uint8).copy())
-    if bits == 8:
-        return torch.from_numpy(c.astype(np.uint8))
-    return torch.from_numpy(np.asarray(pack(c.astype(np.uint8), bits)))
-
-
-def _unpack_indices(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_indices`: ``(rows, m)`` int64 indices."""
-    p = packed.detach().cpu().numpy()
-    if bits == 16:
-        return torch.from_numpy(np.ascontiguousarray(p).view("<u2").astype(np.int64))
-    if bits == 8:
-        return torch.from_numpy(p.astype(np.int64))
-    return torch.from_numpy(np.asarray(unpack(p, bits, m)).astype(np.int64))
-
-
-def _bytes_per_row(m: int, bits: int) -> int:
-    return 2 * m if bits == 16 else (m if bits == 8 else packed_size(m, bits))
-
-
-def _pack_signs(s: torch.Tensor) -> torch.Tensor:
-    bits = (s.detach().cpu() < 0).to(torch.uint8).numpy()[None, :]
-    return torch.from_numpy(np.asarray(pack(bits, 1))[0].copy())
-
-
-def _unpack_signs(p: torch.Tensor, n: int) -> torch.Tensor:
-    bits = np.asarray(unpack(p.detach().cpu().numpy()[None, :], 1, n))[0]
-    return torch.from_numpy(1.0 - 2.0 * bits.astype(np.float32))
 
 
 class VQLinear(DenseCache, nn.Module):
@@ -140,8 +111,8 @@ class VQLinear(DenseCache, nn.Module):
                 self.register_buffer(f"rows{s}", torch.empty(rows, dtype=torch.int32, device=device))
         self.register_buffer("row_scale", torch.empty(out_features, dtype=torch.float16, device=device))
         if self.incoherent:
-            self.register_buffer("su", torch.empty(packed_size(in_features, 1), dtype=torch.uint8, device=device))
-            self.register_buffer("sv", torch.empty(packed_size(out_features, 1), dtype=torch.uint8, device=device))
+            self.register_buffer("su", torch.empty(_sign_bytes(in_features), dtype=torch.uint8, device=device))
+            self.register_buffer("sv", torch.empty(_sign_bytes(out_features), dtype=torch.uint8, device=device))
         if in_scale:
             self.register_buffer("in_scale", torch.empty(in_features, dtype=torch.float16, device=device))
         if has_bias:
