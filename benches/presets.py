@@ -5,7 +5,8 @@
     python benches/presets.py --tag vq --presets w2-gptq,w2-quip,w2-rsavq,w3-gptq+group_size=none+sym=true,w3-quip
 
 A preset may carry overrides of its weight step as ``+field=value`` (``none``, ``true``/``false``,
-numbers), e.g. ``w4-gptq+group_size=none`` for per-channel GPTQ at about 4 bits.
+numbers), e.g. ``w4-gptq+group_size=none`` for per-channel GPTQ at about 4 bits, and of another
+step as ``+kind.field=value``, e.g. ``kv2-akvq+kv.salient_frac=0.02``.
 
 Both evaluation splits, side by side: in-domain (Shakespeare's tragedies, Hamlet first) and
 out-of-domain (news), FP measured in the same run. Calibration: the built-in multi-domain mix
@@ -41,13 +42,30 @@ def _parse_value(v: str):
 
 
 def _recipe(spec: str):
-    """``preset+field=value+…`` → (label, overrides dict)."""
+    """``preset+field=value+…`` → (preset name, {step kind: overrides}): ``field`` changes the weight
+    step, ``kv.field`` (or ``rotation.``, ``activation.``, ``embedding.``) that step."""
     name, *parts = spec.split("+")
-    overrides = {}
+    overrides: dict = {}
     for p in parts:
         key, _, value = p.partition("=")
-        overrides[key] = _parse_value(value)
+        kind, _, field = key.rpartition(".")
+        overrides.setdefault(kind or "weight", {})[field] = _parse_value(value)
     return name, overrides
+
+
+def _apply(recipe, overrides: dict, label: str):
+    """``recipe`` with each step's fields replaced (an explicit None, e.g. per-channel, reaches the
+    step: ``resolve(**kw)`` would drop it)."""
+    from dataclasses import replace
+
+    import lowbit
+
+    overrides, steps = dict(overrides), []
+    for s in recipe.steps:
+        steps.append(replace(s, **overrides.pop(s.step)) if s.step in overrides else s)
+    if overrides:
+        raise SystemExit(f"--presets {label}: the recipe has no {', '.join(overrides)} step to change")
+    return lowbit.Recipe(tuple(steps), label)
 
 
 def main() -> int:
@@ -81,10 +99,8 @@ def main() -> int:
         t = time.perf_counter()
         preset, overrides = _recipe(name)
         recipe = lowbit.recipe.resolve(preset)
-        if overrides:  # explicit None (per-channel) must reach the step, which resolve(**kw) would drop
-            from dataclasses import replace
-
-            recipe = lowbit.Recipe(tuple(replace(s, **overrides) if s is recipe.weight else s for s in recipe.steps), name)
+        if overrides:
+            recipe = _apply(recipe, overrides, name)
         lowbit.quantize(q, recipe, calib, progress=False, calib_dtype=fast_calib_dtype())
         secs = time.perf_counter() - t
         for m in q.modules():  # evaluate on the dense weights, as `lowbit eval` does (speed, not numerics)
