@@ -198,6 +198,18 @@ def test_saliency_is_causal_and_finds_the_heavy_token():
     assert not bool(m[0, 0, 0]) and m.sum() == 1
 
 
+def test_saliency_in_query_chunks_is_the_same(monkeypatch):
+    """The saliency pass over query blocks (long prefills) ranks as the one-block pass does."""
+    q = AKVQQuantizer(2, D, 2, salient_frac=0.2, key_smoothing=None)
+    query, key = rand(2, 4, 37, D, seed=1) * 2, rand(2, 2, 37, D, seed=2) * 2
+    mask = torch.ones(2, 1, 37, 37, dtype=torch.bool).tril()
+    mask[1, :, :, 3] = False
+    want = q.saliency(query, key, pos(2, 37), mask, 0.25)
+    monkeypatch.setattr(AKVQQuantizer, "SALIENCY_CHUNK", 5)
+    assert torch.equal(q.saliency(query, key, pos(2, 37), mask, 0.25), want)
+    assert not bool(want[1, :, 3].any())
+
+
 def test_saliency_per_kv_head():
     S = 16
     query = torch.zeros(1, 4, S, D)

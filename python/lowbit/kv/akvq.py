@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -91,6 +91,8 @@ class AKVQQuantizer(KVQuantizer):
     key_mean: torch.Tensor
     key_scale: torch.Tensor
     calibrated: torch.Tensor
+    #: queries per block of the saliency pass (bounds its memory on long prefills)
+    SALIENCY_CHUNK: ClassVar[int] = 1024
 
     def __init__(
         self,
@@ -283,22 +285,29 @@ class AKVQQuantizer(KVQuantizer):
         if Hq % Hk:
             raise ShapeError(f"query: {Hq} query heads do not share {Hk} KV heads evenly")
         group = Hq // Hk
-        visible = positions[:, None, :] <= positions[:, :, None]  # (B, S_q, S_k)
-        add = None
+        mask4 = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-1] >= S and attention_mask.shape[-2] == S:
-            m = attention_mask[:, 0, :, -S:]
-            if m.dtype == torch.bool:
-                visible = visible & m
-            else:
-                add = m.float()
+            mask4 = attention_mask
         mass = torch.zeros(B, Hk, S, dtype=torch.float32, device=query.device)
-        for h in range(Hq):  # one head at a time: memory B·S² instead of B·heads·S²
-            s = (query[:, h].float() @ key[:, h // group].float().transpose(-1, -2)) * scaling
-            if add is not None:
-                s = s + add
-            s = s.masked_fill(~visible, float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked (padding) row gives no mass
-            mass[:, h // group] += p.sum(dim=1)
+        keys = key.float()
+        # one head and SALIENCY_CHUNK queries at a time: memory B·chunk·S, not B·heads·S²
+        for i0 in range(0, S, self.SALIENCY_CHUNK):
+            i1 = min(S, i0 + self.SALIENCY_CHUNK)
+            visible = positions[:, None, :] <= positions[:, i0:i1, None]  # (B, chunk, S_k)
+            add = None
+            if mask4 is not None:
+                m = mask4[:, 0, i0:i1, -S:]
+                if m.dtype == torch.bool:
+                    visible = visible & m
+                else:
+                    add = m.float()
+            for h in range(Hq):
+                s = (query[:, h, i0:i1].float() @ keys[:, h // group].transpose(-1, -2)) * scaling
+                if add is not None:
+                    s = s + add
+                s = s.masked_fill(~visible, float("-inf"))
+                p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked (padding) row gives no mass
+                mass[:, h // group] += p.sum(dim=1)
         sinks = (positions < self.sink_tokens)[:, None, :]  # stored whole anyway: rank the others
         mass = mass.masked_fill(sinks, float("-inf"))
         if not self.salient_per_head:
