@@ -319,14 +319,15 @@ class KVQuant:
             ``outlier_frac`` kept exact and sparse, values per token likewise; ``"akvq"`` —
             AKVQ-VL: Hadamard on keys (after RoPE) and values per head, per-token grid (keys
             smoothed by a calibrated per-channel mean and spread), the ``salient_frac`` tokens
-            drawing the most attention at prefill kept in fp16 (its other options via ``options``).
+            drawing the most attention at prefill kept at 8 bits or fp16 (its other options via
+            ``options``).
         group_size: per-token group width (``None`` = the head dim).
         sym: symmetric grid for the uniform method.
         clip_ratio: range shrink for the uniform method.
         outlier_frac: fraction kept in full precision (kvquant).
         sink_tokens: the first tokens (attention sinks) kept in fp16.
-        salient_frac: fraction of each prefill's tokens kept in fp16 by attention saliency
-            (akvq; ``None`` = the method's default, 3.5 % at 8 bits).
+        salient_frac: fraction of each prefill's tokens kept at higher precision by attention
+            saliency (akvq; ``None`` = the method's default, 3.5 % at 8 bits).
         fisher: weight the k-means by squared gradients of the loss (else unweighted).
         calib_samples: calibration sequences the method calibrates on (the first ones of
             ``calib``): KVQuant's ranges and levels (the paper uses 16), AKVQ's key smoothing.

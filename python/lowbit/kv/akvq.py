@@ -169,12 +169,9 @@ class AKVQQuantizer(KVQuantizer):
         (keys in :attr:`key_group`, values in :attr:`group`), and on average ``salient_frac`` of the
         rows again as whole rows with an int32 row index: ``2·D`` bytes in fp16, or ``D`` bytes and
         an fp16 scale and offset at 8 bits."""
-        H, D = self.num_kv_heads, self.head_dim
-        codes = H * (-(-D * self.bits // 8))
-        key = codes + H * (D // self.key_group) * 4
-        value = codes + H * (D // self.group) * 4
+        D = self.head_dim
         row = 2 * D + 4 if self.salient_bits == 16 else D + 4 + 4
-        return key + value + self.salient_frac * 2 * H * row
+        return self.grid_bytes(self.key_group) + self.grid_bytes(self.group) + self.salient_frac * 2 * self.num_kv_heads * row
 
     # -- calibration ----------------------------------------------------------------------------
 

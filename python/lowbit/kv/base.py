@@ -280,10 +280,16 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
     def expected_bytes_per_token(self) -> float:
         """Bytes this layer's cache stores per non-sink token, keys and values together (expected
         values for data-dependent parts such as sparse outliers or salient rows)."""
-        H, D = self.num_kv_heads, self.head_dim
-        codes = H * (-(-D * self.bits // 8))
-        groups = H * (D // self.group)
-        return 2.0 * (codes + groups * 2 * (1 if self.sym else 2))
+        return 2.0 * self.grid_bytes(self.group)
+
+    def code_bytes(self) -> int:
+        """Bytes of one token's packed codes, all heads: ``H · ceil(D · bits / 8)``."""
+        return self.num_kv_heads * (-(-self.head_dim * self.bits // 8))
+
+    def grid_bytes(self, group: int) -> int:
+        """Bytes of one token's keys or values on a per-token grid of ``group`` channels per scale:
+        :meth:`code_bytes` plus an fp16 scale (and an fp16 offset unless ``sym``) per group."""
+        return self.code_bytes() + self.num_kv_heads * (self.head_dim // group) * 2 * (1 if self.sym else 2)
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -362,16 +368,17 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
         from ..ops import pack
 
         B, H, S, D = x.shape
-        rows = self._whole_rows(positions, salient, B, H, S)
+        eight = self.salient_bits == 8  # salient rows on their own 8-bit grids, sinks whole in fp16
+        rows = self._whole_rows(positions, None if eight else salient, B, H, S)
+        r8 = torch.zeros(0, dtype=torch.int32, device=x.device)
+        if eight and salient is not None:
+            r8 = (salient & (positions >= self.sink_tokens)[:, None, :]).reshape(-1).nonzero().reshape(-1).to(torch.int32)
         x16 = x.detach().to(torch.float16)
-        if outlier_mask is not None and rows.numel():
+        if outlier_mask is not None and rows.numel() + r8.numel():
             outlier_mask = outlier_mask.clone()
-            outlier_mask.reshape(-1, D)[rows.long()] = False
+            outlier_mask.reshape(-1, D)[torch.cat([rows, r8]).long()] = False
         row8: dict = {}
-        if self.salient_bits == 8:  # salient rows at 8 bits, sinks whole
-            r8 = salient & (positions >= self.sink_tokens)[:, None, :] if salient is not None else x.new_zeros(B, H, S, dtype=torch.bool)
-            r8 = r8.reshape(-1).nonzero().reshape(-1).to(torch.int32)
-            rows = self._whole_rows(positions, None, B, H, S)
+        if eight:
             c8, sc8 = rows_8bit(x.detach().float().reshape(-1, D)[r8.long()])
             row8 = dict(row8_rows=r8, row8_codes=c8, row8_scales=sc8)
         if outlier_mask is not None:
@@ -393,7 +400,6 @@ class KVQuantizer(nn.Module, metaclass=abc.ABCMeta):
     def per_token_uniform(self, x: torch.Tensor, positions: torch.Tensor, salient: Optional[torch.Tensor] = None) -> QuantizedKV:
         """Per-token uniform quantization of ``x`` (``(B, H, S, D)``) in groups of :attr:`group`
         (:meth:`uniform_grid` with this quantizer's ``sym``/``clip_ratio``), packed by :meth:`finish`."""
-        B, H, S, D = x.shape
         codes, scale, zeros = self.uniform_grid(x, self.group)
         return self.finish("uniform", x, codes, scale, zeros, None, positions, salient)
 

@@ -184,11 +184,8 @@ class KVQuantKVQuantizer(KVQuantizer):
     def expected_bytes_per_token(self) -> float:
         """Packed codes, fp16 value centres/half-ranges, the expected sparse outliers (6 bytes each:
         int32 index + fp16 value) and the int32 position the cache keeps."""
-        H, D = self.num_kv_heads, self.head_dim
-        codes = H * (-(-D * self.bits // 8))
-        groups = H * (D // self.group)
-        key = codes + self.outlier_frac * H * D * 6
-        value = codes + groups * 4 + self.n_value_outliers * 6
+        key = self.code_bytes() + self.outlier_frac * self.num_kv_heads * self.head_dim * 6
+        value = self.grid_bytes(self.group) + self.n_value_outliers * 6
         return key + value + 4
 
     # -- quantize -------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ __all__ = ["QuantizedKV", "fp16_up", "fp16_down", "nearest_level", "FP16_TINY"]
 FP16_TINY = 2.0**-24  # smallest positive (subnormal) float16
 
 
+#: the whole-row sets of a block: the flat ``(B, H, S)`` row-index field → the fields holding one
+#: entry per row (the structural operations move them together)
+_ROW_SETS = {"sink_rows": ("sink_val",), "row8_rows": ("row8_codes", "row8_scales")}
+
+
 @dataclass
 class QuantizedKV:
     """The stored form of a ``(B, H, S, D)`` block of keys or values.
@@ -89,21 +94,23 @@ class QuantizedKV:
         bh = i // (D * S) if S else i * 0
         return bh // H, bh % H, s, d
 
-    def _split_rows(self, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(batch, head, token)`` of flat row indices (``sink_rows`` unless ``rows`` given)."""
+    def _split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(batch, head, token)`` of flat ``(B, H, S)`` row indices."""
         B, H, S, D = self.shape
-        r = (self.sink_rows if rows is None else rows).long()
+        r = rows.long()
         s = r % S if S else r * 0
         bh = r // S if S else r * 0
         return bh // H, bh % H, s
 
-    def _row8(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, codes, scales)`` of the 8-bit rows, empty tensors when there are none."""
-        if self.row8_rows is not None:
-            return self.row8_rows, self.row8_codes, self.row8_scales  # type: ignore[return-value]
-        dev, D = self.codes.device, self.shape[3]
-        return (torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, D, dtype=torch.uint8, device=dev),
-                torch.zeros(0, 2, dtype=torch.float16, device=dev))
+    def _row_set(self, name: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The whole-row set ``name`` (a key of :data:`_ROW_SETS`): its flat row indices and its
+        per-row tensors, empty ones when the (optional) set is absent."""
+        rows = getattr(self, name)
+        if rows is not None:
+            return rows, tuple(getattr(self, p) for p in _ROW_SETS[name])
+        dev, D = self.codes.device, self.shape[3]  # only the 8-bit rows are optional
+        return (torch.zeros(0, dtype=torch.int32, device=dev),
+                (torch.zeros(0, D, dtype=torch.uint8, device=dev), torch.zeros(0, 2, dtype=torch.float16, device=dev)))
 
     @staticmethod
     def _flat_idx(b: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -141,22 +148,28 @@ class QuantizedKV:
         new_shape = (B, H, S_tot, D)
         if B * H * S_tot * D >= 2**31:
             raise ShapeError(f"chunks: {new_shape} holds 2^31 elements or more; int32 outlier indices cannot address it")
-        idx, val, rows, sval, r8, c8, s8 = [], [], [], [], [], [], []
+        idx, val = [], []
         off = 0
         for c in chunks:
             b, h, s, d = c._split_idx()
             idx.append(QuantizedKV._flat_idx(b, h, s + off, d, new_shape))
             val.append(c.outlier_val)
-            b, h, s = c._split_rows()
-            rows.append(QuantizedKV._flat_row(b, h, s + off, new_shape))
-            sval.append(c.sink_val)
-            rr, cc, ss = c._row8()
-            b, h, s = c._split_rows(rr)
-            r8.append(QuantizedKV._flat_row(b, h, s + off, new_shape))
-            c8.append(cc)
-            s8.append(ss)
             off += c.shape[2]
-        any8 = any(c.row8_rows is not None for c in chunks)
+        rows: dict = {}
+        for name, payload in _ROW_SETS.items():
+            if all(getattr(c, name) is None for c in chunks):
+                rows.update(dict.fromkeys((name, *payload)))
+                continue
+            flat, parts, off = [], [[] for _ in payload], 0
+            for c in chunks:
+                r, ts = c._row_set(name)
+                b, h, s = c._split_rows(r)
+                flat.append(QuantizedKV._flat_row(b, h, s + off, new_shape))
+                for part, t in zip(parts, ts):
+                    part.append(t)
+                off += c.shape[2]
+            rows[name] = torch.cat(flat)
+            rows.update({p: torch.cat(part) for p, part in zip(payload, parts)})
 
         def cat_opt(ts: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
             return None if ts[0] is None else torch.cat(ts, dim=2)  # type: ignore[arg-type]
@@ -165,10 +178,7 @@ class QuantizedKV:
             kind=first.kind, shape=new_shape, dtype=first.dtype, bits=first.bits,
             codes=torch.cat([c.codes for c in chunks], dim=2),
             scales=cat_opt([c.scales for c in chunks]), zeros=cat_opt([c.zeros for c in chunks]),
-            outlier_idx=torch.cat(idx), outlier_val=torch.cat(val),
-            sink_rows=torch.cat(rows), sink_val=torch.cat(sval),
-            row8_rows=torch.cat(r8) if any8 else None, row8_codes=torch.cat(c8) if any8 else None,
-            row8_scales=torch.cat(s8) if any8 else None,
+            outlier_idx=torch.cat(idx), outlier_val=torch.cat(val), **rows,
         )
 
     def narrow(self, start: int, length: int) -> "QuantizedKV":
@@ -179,25 +189,23 @@ class QuantizedKV:
         new_shape = (B, H, length, D)
         b, h, s, d = self._split_idx()
         keep = (s >= start) & (s < start + length)
-        rb, rh, rs = self._split_rows()
-        rkeep = (rs >= start) & (rs < start + length)
+        rows: dict = {}
+        for name, payload in _ROW_SETS.items():
+            if getattr(self, name) is None:
+                continue
+            r, ts = self._row_set(name)
+            rb, rh, rs = self._split_rows(r)
+            rkeep = (rs >= start) & (rs < start + length)
+            rows[name] = self._flat_row(rb[rkeep], rh[rkeep], rs[rkeep] - start, new_shape)
+            rows.update({p: t[rkeep] for p, t in zip(payload, ts)})
 
         def sl(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t[:, :, start : start + length].contiguous()
 
-        row8: dict = {}
-        if self.row8_rows is not None:
-            eb, eh, es = self._split_rows(self.row8_rows)
-            ekeep = (es >= start) & (es < start + length)
-            row8 = dict(row8_rows=self._flat_row(eb[ekeep], eh[ekeep], es[ekeep] - start, new_shape),
-                        row8_codes=self.row8_codes[ekeep], row8_scales=self.row8_scales[ekeep])  # type: ignore[index]
         return replace(
             self, shape=new_shape, codes=self.codes[:, :, start : start + length].contiguous(), scales=sl(self.scales), zeros=sl(self.zeros),
             outlier_idx=self._flat_idx(b[keep], h[keep], s[keep] - start, d[keep], new_shape),
-            outlier_val=self.outlier_val[keep],
-            sink_rows=self._flat_row(rb[rkeep], rh[rkeep], rs[rkeep] - start, new_shape),
-            sink_val=self.sink_val[rkeep],
-            **row8,
+            outlier_val=self.outlier_val[keep], **rows,
         )
 
     def index_batch(self, index: torch.Tensor) -> "QuantizedKV":
@@ -208,21 +216,25 @@ class QuantizedKV:
             raise ShapeError(f"index: batch indices must be in [0, {B}), got {index.tolist()}")
         new_shape = (int(index.numel()), H, S, D)
         b, h, s, d = self._split_idx()
-        rb, rh, rs = self._split_rows()
-        r8, c8, s8 = self._row8()
-        eb, eh, es = self._split_rows(r8)
-        idx, val, rows, sval, rows8, codes8, scales8 = [], [], [], [], [], [], []
+        idx, val = [], []
         for j, old in enumerate(index.tolist()):
             m = b == old
             idx.append(self._flat_idx(torch.full_like(b[m], j), h[m], s[m], d[m], new_shape))
             val.append(self.outlier_val[m])
-            m = rb == old
-            rows.append(self._flat_row(torch.full_like(rb[m], j), rh[m], rs[m], new_shape))
-            sval.append(self.sink_val[m])
-            m = eb == old
-            rows8.append(self._flat_row(torch.full_like(eb[m], j), eh[m], es[m], new_shape))
-            codes8.append(c8[m])
-            scales8.append(s8[m])
+        rows: dict = {}
+        for name, payload in _ROW_SETS.items():
+            if getattr(self, name) is None:
+                continue
+            r, ts = self._row_set(name)
+            rb, rh, rs = self._split_rows(r)
+            flat, take = [r[:0]], [torch.zeros(0, dtype=torch.long, device=r.device)]
+            for j, old in enumerate(index.tolist()):
+                m = (rb == old).nonzero().reshape(-1)
+                flat.append(self._flat_row(torch.full_like(rb[m], j), rh[m], rs[m], new_shape))
+                take.append(m)
+            pick = torch.cat(take)
+            rows[name] = torch.cat(flat)
+            rows.update({p: t[pick] for p, t in zip(payload, ts)})
 
         def sel(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.index_select(0, index)
@@ -231,12 +243,7 @@ class QuantizedKV:
         return replace(
             self, shape=new_shape, codes=self.codes.index_select(0, index), scales=sel(self.scales), zeros=sel(self.zeros),
             outlier_idx=torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int32, device=dev),
-            outlier_val=torch.cat(val) if val else self.outlier_val[:0],
-            sink_rows=torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int32, device=dev),
-            sink_val=torch.cat(sval) if sval else self.sink_val[:0],
-            row8_rows=(torch.cat(rows8) if rows8 else r8[:0]) if self.row8_rows is not None else None,
-            row8_codes=(torch.cat(codes8) if codes8 else c8[:0]) if self.row8_rows is not None else None,
-            row8_scales=(torch.cat(scales8) if scales8 else s8[:0]) if self.row8_rows is not None else None,
+            outlier_val=torch.cat(val) if val else self.outlier_val[:0], **rows,
         )
 
 
