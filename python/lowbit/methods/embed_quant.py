@@ -57,9 +57,9 @@ def quantize_rows(W: torch.Tensor, bits: int, *, sym: bool = False, mse: bool = 
         DTypeError / ShapeError / ValueRangeError naming ``name`` (not a float 2-D tensor, NaN or
         inf, values too large for fp16 scales); UnsupportedSizeError naming ``bits``.
     """
-    from ..nn.quant_embedding import _check_bits
+    from ..layouts.rows import check_bits
 
-    _check_bits(bits)
+    check_bits(bits)
     check_weight(W, name)
     grid = UniformGrid(bits=int(bits), group_size=None, sym=bool(sym), mse=bool(mse))
     parts = []

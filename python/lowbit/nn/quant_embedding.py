@@ -50,7 +50,6 @@ __all__ = ["EMBED_BITS", "PACKINGS", "QuantEmbedding", "QuantHead", "row_bytes"]
 #: the code widths the vocabulary layers store
 EMBED_BITS = ROW_BITS
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_check_bits = check_bits
 
 
 class _RowQuantized(DenseCache, nn.Module):
@@ -61,7 +60,7 @@ class _RowQuantized(DenseCache, nn.Module):
     zeros: Optional[torch.Tensor]
 
     def _init_storage(self, rows: int, cols: int, bits: Any, sym: bool, method: str, device: Any, store: bool = True) -> None:
-        self.bits = _check_bits(bits)
+        self.bits = check_bits(bits)
         self.sym = bool(sym)
         self.method = str(method)
         self.cache_dequantized = False
@@ -395,7 +394,7 @@ _TENSOR_DTYPES = {"qweight": torch.uint8, "scales": torch.float16, "zeros": torc
 
 
 def _check_common(meta: dict) -> None:
-    bits = _check_bits(meta["bits"])
+    bits = check_bits(meta["bits"])
     if meta["packing"] != PACKINGS[bits]:
         raise ValueRangeError(f"packing: {meta['packing']!r} is not the packing of {bits} bits ({PACKINGS[bits]!r})")
 

@@ -38,12 +38,7 @@ from torch import nn
 
 from ..errors import ShapeError, ValueRangeError
 from ..grids.vq import CODEBOOKS, VQStage, VQWeight, index_bits
-from ..layouts.vq import bytes_per_row as _bytes_per_row
-from ..layouts.vq import pack_indices as _pack_indices
-from ..layouts.vq import pack_signs as _pack_signs
-from ..layouts.vq import sign_bytes as _sign_bytes
-from ..layouts.vq import unpack_indices as _unpack_indices
-from ..layouts.vq import unpack_signs as _unpack_signs
+from ..layouts import vq as _layout
 from .dense_cache import DenseCache
 from .online import online_hadamard
 
@@ -104,15 +99,15 @@ class VQLinear(DenseCache, nn.Module):
             self.stage_specs.append(spec)
             rows = out_features if spec["rows"] is None else spec["rows"]
             bits = spec["index_bits"]
-            self.register_buffer(f"codes{s}", torch.empty(rows, _bytes_per_row(m, bits), dtype=torch.uint8, device=device))
+            self.register_buffer(f"codes{s}", torch.empty(rows, _layout.bytes_per_row(m, bits), dtype=torch.uint8, device=device))
             if spec["codebook"] == "learned":
                 self.register_buffer(f"table{s}", torch.empty(spec["k"], dim, dtype=torch.float16, device=device))
             if spec["rows"] is not None:
                 self.register_buffer(f"rows{s}", torch.empty(rows, dtype=torch.int32, device=device))
         self.register_buffer("row_scale", torch.empty(out_features, dtype=torch.float16, device=device))
         if self.incoherent:
-            self.register_buffer("su", torch.empty(_sign_bytes(in_features), dtype=torch.uint8, device=device))
-            self.register_buffer("sv", torch.empty(_sign_bytes(out_features), dtype=torch.uint8, device=device))
+            self.register_buffer("su", torch.empty(_layout.sign_bytes(in_features), dtype=torch.uint8, device=device))
+            self.register_buffer("sv", torch.empty(_layout.sign_bytes(out_features), dtype=torch.uint8, device=device))
         if in_scale:
             self.register_buffer("in_scale", torch.empty(in_features, dtype=torch.float16, device=device))
         if has_bias:
@@ -162,14 +157,14 @@ class VQLinear(DenseCache, nn.Module):
             codes = st.codes.long()
             if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
                 raise ValueRangeError(f"stages[{s}].codes: indices must be in 0..{k - 1}")
-            setattr(mod, f"codes{s}", _pack_indices(codes, mod.stage_specs[s]["index_bits"]))
+            setattr(mod, f"codes{s}", _layout.pack_indices(codes, mod.stage_specs[s]["index_bits"]))
             if st.codebook == "learned":
                 setattr(mod, f"table{s}", st.table.detach().cpu().to(torch.float16).contiguous())  # type: ignore[union-attr]
             if st.rows is not None:
                 setattr(mod, f"rows{s}", st.rows.detach().cpu().to(torch.int32).contiguous())
         mod.row_scale = qw.row_scale.detach().cpu().to(torch.float16).contiguous()
         if qw.incoherent:
-            mod.su, mod.sv = _pack_signs(qw.su), _pack_signs(qw.sv)  # type: ignore[arg-type]
+            mod.su, mod.sv = _layout.pack_signs(qw.su), _layout.pack_signs(qw.sv)  # type: ignore[arg-type]
         if qw.in_scale is not None:
             mod.set_in_scale(qw.in_scale)
         if bias is not None:
@@ -232,14 +227,14 @@ class VQLinear(DenseCache, nn.Module):
         """``(su, sv)`` as ±1 float32 vectors (``(None, None)`` without incoherence)."""
         if not self.incoherent:
             return None, None
-        return _unpack_signs(self.su, self.in_features), _unpack_signs(self.sv, self.out_features)
+        return _layout.unpack_signs(self.su, self.in_features), _layout.unpack_signs(self.sv, self.out_features)
 
     def to_quantized(self) -> VQWeight:
         """The :class:`VQWeight` this layer stores (indices unpacked, tables and scales as float32)."""
         m = self.in_features // self.dim
         stages = []
         for s, spec in enumerate(self.stage_specs):
-            codes = _unpack_indices(getattr(self, f"codes{s}"), spec["index_bits"], m)
+            codes = _layout.unpack_indices(getattr(self, f"codes{s}"), spec["index_bits"], m)
             table = getattr(self, f"table{s}").float().cpu() if spec["codebook"] == "learned" else None
             rows = getattr(self, f"rows{s}").long().cpu() if spec["rows"] is not None else None
             stages.append(VQStage(spec["codebook"], codes, table, rows, spec["scale"]))
@@ -262,7 +257,7 @@ class VQLinear(DenseCache, nn.Module):
                 idx = codes.detach().cpu().numpy().view("<u2").reshape(-1)
                 v = torch.from_numpy(np.asarray(vq.e8p_decode(idx))).view(codes.shape[0], m, self.dim)
             else:
-                idx = _unpack_indices(codes, spec["index_bits"], m)
+                idx = _layout.unpack_indices(codes, spec["index_bits"], m)
                 if idx.numel() and int(idx.max()) >= spec["k"]:
                     raise ValueRangeError(f"codes{s}: index {int(idx.max())} is out of range for a codebook of {spec['k']} entries")
                 if spec["codebook"] == "learned":
