@@ -11,7 +11,7 @@ Every KV quantizer (:mod:`lowbit.kv.base`) writes and reads this one layout; the
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -112,6 +112,14 @@ class QuantizedKV:
         return (torch.zeros(0, dtype=torch.int32, device=dev),
                 (torch.zeros(0, D, dtype=torch.uint8, device=dev), torch.zeros(0, 2, dtype=torch.float16, device=dev)))
 
+    def _present_row_sets(self) -> Iterator[tuple[str, tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]]:
+        """``(name, per-row field names, (batch, head, token) of its rows, its per-row tensors)`` of
+        every whole-row set this block holds."""
+        for name, payload in _ROW_SETS.items():
+            if getattr(self, name) is not None:
+                r, ts = self._row_set(name)
+                yield name, payload, self._split_rows(r), ts
+
     @staticmethod
     def _flat_idx(b: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d: torch.Tensor, shape: tuple) -> torch.Tensor:
         _, H, S, D = shape
@@ -190,11 +198,7 @@ class QuantizedKV:
         b, h, s, d = self._split_idx()
         keep = (s >= start) & (s < start + length)
         rows: dict = {}
-        for name, payload in _ROW_SETS.items():
-            if getattr(self, name) is None:
-                continue
-            r, ts = self._row_set(name)
-            rb, rh, rs = self._split_rows(r)
+        for name, payload, (rb, rh, rs), ts in self._present_row_sets():
             rkeep = (rs >= start) & (rs < start + length)
             rows[name] = self._flat_row(rb[rkeep], rh[rkeep], rs[rkeep] - start, new_shape)
             rows.update({p: t[rkeep] for p, t in zip(payload, ts)})
@@ -222,12 +226,9 @@ class QuantizedKV:
             idx.append(self._flat_idx(torch.full_like(b[m], j), h[m], s[m], d[m], new_shape))
             val.append(self.outlier_val[m])
         rows: dict = {}
-        for name, payload in _ROW_SETS.items():
-            if getattr(self, name) is None:
-                continue
-            r, ts = self._row_set(name)
-            rb, rh, rs = self._split_rows(r)
-            flat, take = [r[:0]], [torch.zeros(0, dtype=torch.long, device=r.device)]
+        for name, payload, (rb, rh, rs), ts in self._present_row_sets():
+            flat = [torch.zeros(0, dtype=torch.int32, device=rb.device)]
+            take = [torch.zeros(0, dtype=torch.long, device=rb.device)]
             for j, old in enumerate(index.tolist()):
                 m = (rb == old).nonzero().reshape(-1)
                 flat.append(self._flat_row(torch.full_like(rb[m], j), rh[m], rs[m], new_shape))
