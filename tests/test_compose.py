@@ -23,9 +23,14 @@ pytest.importorskip("transformers")
 ROTATIONS = {"none": None, "quarot": Rotate("quarot"), "spinquant": Rotate("spinquant", steps=2, seqlen=16)}
 # one cell config per registered weight method (a new method gets its cells from its family);
 # RSAVQ with fewer Fisher samples and k-means iterations, to stay quick
-_FAST = {"rsavq": dict(bits=2.0, fisher_samples=2, kmeans_iters=2)}
+# and the block-reconstruction methods with a few steps
+_FAST = {
+    "rsavq": dict(bits=2.0, fisher_samples=2, kmeans_iters=2),
+    "omniquant": dict(options={"epochs": 1}),
+    "tesseraq": dict(options={"lwc_epochs": 1, "stage_steps": 2, "thresholds": [0.5]}),
+}
 WEIGHTS = {
-    name: WeightQuant(name, 4, 32)
+    name: WeightQuant(name, 4, 32, **_FAST.get(name, {}))
     if m.family == "grid"
     else VectorQuant(name, **{"bits": 2, **_FAST.get(name, {})}, finetune_steps=0, e2e_steps=0)
     for name, m in weight_methods().items()

@@ -19,7 +19,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -130,6 +130,25 @@ def _threads(n: Optional[int]) -> None:
         lowbit.set_num_threads(n)
 
 
+def _with_options(recipe: Any, pairs: list, name: str) -> Any:
+    """``recipe`` with ``--option NAME=VALUE`` pairs merged into its weight step's ``options``
+    (values read as JSON — numbers, true/false, null, lists — else as strings)."""
+    from dataclasses import replace
+
+    if recipe.weight is None or not hasattr(recipe.weight, "options"):
+        raise _UserError(f"--option: recipe {name!r} has no weight step with method options")
+    opts = dict(recipe.weight.options or {})
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _UserError(f"--option: expected NAME=VALUE, got {pair!r}")
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    return type(recipe)(tuple(replace(s, options=opts) if s is recipe.weight else s for s in recipe.steps), recipe.name)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,6 +169,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         recipe = type(recipe)(
             tuple(replace(s, group_size=args.group or None) if s is recipe.weight else s for s in recipe.steps), recipe.name
         )
+    if args.option:
+        recipe = _with_options(recipe, args.option, args.recipe)
     _threads(args.threads)
     # the user's calibration text is read (and refused) before the model is loaded
     calib_docs = data.user.read_documents(args.calib_data) if args.calib_data is not None and recipe.needs_calibration else None
@@ -377,7 +398,13 @@ def _num(v, fmt: str) -> str:
 def cmd_presets(args: argparse.Namespace) -> int:
     from .recipe import PRESETS
 
+    from .methods.registry import weight_methods
+
     print(_table([["preset", "steps"]] + [[k, r.describe()] for k, r in PRESETS.items()]))
+    rows = [[name, ", ".join(f"{k}={json.dumps(v)}" for k, v in m.options.items())] for name, m in weight_methods().items() if m.options]
+    if rows:
+        print("\nweight-method options (quantize --option NAME=VALUE):")
+        print(_table([["method", "options (defaults)"]] + rows))
     return 0
 
 
@@ -428,6 +455,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group", type=int, help="override the group size (0 = per channel)")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
     q.add_argument("--method", choices=weight_method_names("grid"), help="override the weight method")
+    q.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a weight method's own option, e.g. --option epochs=8 for omniquant (repeatable; see `lowbit presets`)")
     q.add_argument("--calib-samples", type=_positive_int, default=128)
     q.add_argument("--calib-data", type=Path, metavar="PATH",
                    help="calibrate on your own text: a text file, a folder of text files, or JSONL with a 'text' field "

@@ -300,7 +300,7 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         fisher = fisher_diagonal(model, calib[: step.fisher_samples])
         report.stage_seconds["fisher"] = time.perf_counter() - t_start
         t_start = time.perf_counter()
-    if "hessian" not in method.needs:
+    if "hessian" not in method.needs and method.quantize_block is None:
         _quantize_data_free(model, adapter, layers, method, step, report, progress)
         report.stage_seconds["quantize"] = time.perf_counter() - t_start
         return
@@ -311,6 +311,9 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
         inps = [x.to(calib_dtype) for x in inps]
         kwargs = [_cast_floats(kw, calib_dtype) for kw in kwargs]
     report.stage_seconds["capture"] = time.perf_counter() - t_start
+    if method.quantize_block is not None:
+        _reconstruct_blocks(model, adapter, layers, method, step, inps, kwargs, report, calib_dtype, progress)
+        return
     for key in ("hessians", "quantize", "outputs"):
         report.stage_seconds[key] = 0.0
 
@@ -367,25 +370,76 @@ def _quantize_weights(model, adapter, step: Any, calib, report: QuantReport, bat
                 report.stage_seconds["finetune"] = report.stage_seconds.get("finetune", 0.0) + t3 - t2
                 t2 = t3
 
-        num = den = 0.0
-        runner = _runner(layer, calib_dtype)
-        for i, (x, kw) in enumerate(zip(inps, kwargs)):
-            y = _first(runner(x, **kw))
-            num += float((y - fp_outs[i]).float().pow(2).sum())
-            den += float(fp_outs[i].float().pow(2).sum())
-            inps[i] = y
-        report.block_output_error[li] = (num / max(den, 1e-30)) ** 0.5
-        for name, _ in (item for g in groups for item in g):
-            for mod in (layer, runner):
-                ql = mod.get_submodule(name)
-                ql.cache_dequantized = False
-                ql.clear_cache()
-        del runner
+        report.block_output_error[li] = _advance(layer, [n for g in groups for n, _ in g], inps, kwargs, fp_outs, calib_dtype)
         del fp_outs
         report.stage_seconds["outputs"] += time.perf_counter() - t2
         if bar is not None:
             bar.update(1)
         log.info("layer %d: output error %.4f", li, report.block_output_error[li])
+    if bar is not None:
+        bar.close()
+
+
+@torch.no_grad()
+def _advance(layer, names: list[str], inps: list, kwargs: list, fp_outs: list, calib_dtype) -> float:
+    """Run the quantized ``layer`` on ``inps`` (replaced in place by its outputs, the next layer's
+    inputs) and return its relative output error against ``fp_outs``; the stored layers ``names``
+    drop the dequantized weights they cached for the passes."""
+    num = den = 0.0
+    runner = _runner(layer, calib_dtype)
+    for i, (x, kw) in enumerate(zip(inps, kwargs)):
+        y = _first(runner(x, **kw))
+        num += float((y - fp_outs[i]).float().pow(2).sum())
+        den += float(fp_outs[i].float().pow(2).sum())
+        inps[i] = y
+    for name in names:
+        for mod in (layer, runner):
+            ql = mod.get_submodule(name)
+            ql.cache_dequantized = False
+            ql.clear_cache()
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _reconstruct_blocks(model, adapter, layers, method, step, inps, kwargs, report: QuantReport, calib_dtype, progress) -> None:
+    """The loop of a block method (``method.quantize_block``): per decoder layer, the full-precision
+    outputs on both chains, the method's training and merge, the stored layers swapped in, then
+    the quantized layer's outputs as the next layer's inputs. The full-precision chain starts from
+    the same layer-0 inputs and runs alongside (one more copy of the activations)."""
+    from .methods.blockrecon import BlockData
+
+    fp_inps = list(inps)
+    bar = _progress(len(layers), progress, report.recipe)
+    prefix = _layer_prefix(model, layers)
+    for key in ("outputs", "quantize"):
+        report.stage_seconds[key] = 0.0
+    for li, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        runner = _runner(layer, calib_dtype)
+        fp_outs = [_first(runner(x, **kw)) for x, kw in zip(inps, kwargs)]
+        targets = [_first(runner(x, **kw)) for x, kw in zip(fp_inps, kwargs)]
+        del runner
+        groups = adapter.linear_groups(layer)
+        linears = [item for g in groups for item in g]
+        data = BlockData(inps, kwargs, targets, fp_outs, autocast=calib_dtype)
+        t1 = time.perf_counter()
+        qweights, result = method.quantize_block(step, layer, groups, data, li)
+        per = (time.perf_counter() - t1) / max(1, len(linears))
+        if result is not None:
+            report.finetune[li] = result
+        for name, lin in linears:
+            ql = _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, method, step, None, quantized=(qweights[name], None), seconds=per)
+            ql.cache_dequantized = True
+        t2 = time.perf_counter()
+        report.stage_seconds["quantize"] += t2 - t1
+        report.block_output_error[li] = _advance(layer, [n for n, _ in linears], inps, kwargs, fp_outs, calib_dtype)
+        fp_inps = targets
+        del fp_outs, data
+        report.stage_seconds["outputs"] += time.perf_counter() - t2 + (t1 - t0)
+        if bar is not None:
+            if result is not None:
+                bar.set_postfix_str(f"layer {li} loss {result[0]:.4f} → {result[1]:.4f}")
+            bar.update(1)
+        log.info("layer %d: reconstruction %s, output error %.4f", li, result, report.block_output_error[li])
     if bar is not None:
         bar.close()
 
@@ -432,12 +486,16 @@ def _swap_in(
     step: Any,
     hessian: Optional[torch.Tensor],
     fisher: Optional[torch.Tensor] = None,
+    *,
+    quantized: Optional[tuple] = None,
+    seconds: float = 0.0,
 ) -> nn.Module:
     """Quantize ``lin`` with ``method`` (a registered :class:`~lowbit.methods.registry.WeightMethod`),
-    put the stored layer it makes in its place, record its stats."""
-    t = time.perf_counter()
+    or take its ``quantized`` ``(qweight, loss)`` when a block method made it, put the stored layer
+    it makes in its place, record its stats (``seconds`` added to the layer's time)."""
+    t = time.perf_counter() - seconds
     W = lin.weight.detach().float()
-    qw, loss = method.quantize(step, W, hessian, fisher)
+    qw, loss = quantized if quantized is not None else method.quantize(step, W, hessian, fisher)
     bias = lin.bias.detach() if lin.bias is not None else None
     ql: Any = method.layer().from_quantized(qw, bias)
     err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))

@@ -47,6 +47,42 @@ def _needs_hessian(method: str) -> bool:
     return "hessian" in weight_method(method).needs
 
 
+def _needs_data(method: str) -> bool:
+    """Whether the registered weight method ``method`` needs calibration data (Hessians, Fisher, blocks)."""
+    from .methods.registry import weight_method
+
+    return weight_method(method).needs_calibration
+
+
+def _check_method_options(step: Any) -> None:
+    """Check ``step.options`` (a weight step's method options) by name against the registered
+    method's ``options``, then the whole step by the method's ``check_step``."""
+    from .methods.registry import weight_method
+
+    method = weight_method(step.method)
+    opts = step.options
+    if opts is not None:
+        if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+            raise ValueRangeError(f"options: must be a dict of option names to values, or None, got {opts!r}")
+        unknown = sorted(set(opts) - set(method.options))
+        if unknown:
+            raise ValueRangeError(
+                f"options: the {step.method!r} weight method has no option(s) {unknown}; it takes {sorted(method.options) or 'none'}"
+            )
+        bad = sorted(k for k, v in opts.items() if not _json_value(v))
+        if bad:
+            raise ValueRangeError(f"options: {bad} must be JSON values (None, bool, int, float, str, or lists of them)")
+        object.__setattr__(step, "options", {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()})
+    if method.check_step is not None:
+        method.check_step(step)
+
+
+def _json_value(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_json_value(u) for u in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
 class UnknownRecipeError(LowbitError, ValueError):
     """A recipe name that is not a preset."""
 
@@ -57,7 +93,10 @@ class WeightQuant:
 
     Attributes:
         method: ``"rtn"`` (round to nearest), ``"gptq"`` (Hessian-aware, lazy block updates) or
-            ``"ldlq"`` (QuIP's LDL form of the same rounding).
+            ``"ldlq"`` (QuIP's LDL form of the same rounding), or a block-reconstruction method:
+            ``"omniquant"`` (learnable weight clipping trained per block), ``"tesseraq"``
+            (progressive adaptive rounding and dequantization scales trained per block) —
+            any method registered in :mod:`lowbit.methods.registry` of family ``"grid"``.
         bits: 2, 3, 4 or 8 for the uniform grid (ternary and binary imply their own width).
         group_size: columns per scale; ``None`` = one scale per output channel. A group size that
             does not divide ``in_features`` leaves a shorter last group.
@@ -76,6 +115,9 @@ class WeightQuant:
             down) from the block with the groups before it already quantized, as GPTQModel and
             IST-DASLab's ``--true-sequential`` do; ``False`` takes every Hessian from the
             full-precision block in one pass.
+        options: the method's own hyper-parameters by name (``None`` = its defaults), e.g.
+            ``{"epochs": 2}`` for ``"omniquant"``; the names the registered method's ``options``
+            lists, JSON values.
     """
 
     method: str = "gptq"
@@ -89,6 +131,7 @@ class WeightQuant:
     damp: float = 0.1
     block_size: int = 128
     true_sequential: bool = True
+    options: Optional[dict] = None
     version: int = 1
     step: str = field(default="weight", init=False)
 
@@ -105,15 +148,22 @@ class WeightQuant:
             raise ValueRangeError(f"damp: must be in [0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ValueRangeError(f"block_size: must be >= 1, got {self.block_size}")
+        _check_method_options(self)
 
     @property
     def needs_hessian(self) -> bool:
         return _needs_hessian(self.method)
 
+    @property
+    def needs_calibration(self) -> bool:
+        return _needs_data(self.method)
+
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "per-channel"
         w = {"ternary": "ternary", "binary": "binary"}.get(self.kind, f"W{self.bits} {'sym' if self.sym else 'asym'}")
         extra = " act-order" if self.act_order and self.needs_hessian else ""
+        if self.options:
+            extra += " (" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + ")"
         return f"{self.method.upper()} {w} {g}{extra}"
 
     def to_dict(self) -> dict:
@@ -597,6 +647,12 @@ PRESETS: dict[str, Recipe] = {
     "w2-gptq": Recipe((WeightQuant("gptq", 2, 32),), "w2-gptq"),
     "w4-ldlq": Recipe((WeightQuant("ldlq", 4, 64),), "w4-ldlq"),
     "w1.58-gptq": Recipe((WeightQuant("gptq", 2, 64, kind="ternary", mse=False),), "w1.58-gptq"),
+    # learned post-training quantization, block by block (lowbit.methods.blockrecon): OmniQuant's
+    # learnable weight clipping, TesseraQ's progressive adaptive rounding on top of it
+    "w3-omniquant": Recipe((WeightQuant("omniquant", 3, 64),), "w3-omniquant"),
+    "w2-omniquant": Recipe((WeightQuant("omniquant", 2, 32, options={"aug_loss": True}),), "w2-omniquant"),
+    "w3-tesseraq": Recipe((WeightQuant("tesseraq", 3, 64),), "w3-tesseraq"),
+    "w2-tesseraq": Recipe((WeightQuant("tesseraq", 2, 32),), "w2-tesseraq"),
     # vector quantization: QuIP# (E8P lattice, incoherence, BlockLDLQ) and RSAVQ (Fisher-guided)
     "w2-quip": Recipe((VectorQuant("quip", 2),), "w2-quip"),
     "w3-quip": Recipe((VectorQuant("quip", 3),), "w3-quip"),

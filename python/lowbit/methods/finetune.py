@@ -26,40 +26,13 @@ import torch
 from torch import nn
 
 from ..nn.vq_linear import VQLinear
+from .blockrecon import _first, adam_steps, kept_if_better, rel_loss, split_batches
 
 __all__ = ["tune_block", "tune_model"]
 
 
 def _norm_weights(block: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in block.named_parameters() if "norm" in n.rsplit(".", 2)[-2] and n.endswith("weight")]
-
-
-def _rel_loss(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return (y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _slice(v: Any, sl: slice, b: int) -> Any:
-    """``v`` with every tensor whose first axis is the batch (``b > 1``) sliced, recursively."""
-    if isinstance(v, torch.Tensor):
-        return v[sl] if b > 1 and v.dim() > 0 and v.shape[0] == b else v
-    if isinstance(v, (tuple, list)):
-        return type(v)(_slice(u, sl, b) for u in v)
-    return v
-
-
-def _micro(inps: Sequence[torch.Tensor], kwargs: Sequence[dict], targets: Sequence[torch.Tensor], batch: int):
-    """Split the captured batches into micro-batches of ``batch`` sequences: (x, kwargs, target) triples."""
-    out = []
-    for x, kw, t in zip(inps, kwargs, targets):
-        b = x.shape[0]
-        for i in range(0, b, batch):
-            sl = slice(i, i + batch)
-            out.append((x[sl].float(), {k: _slice(v, sl, b) for k, v in kw.items()}, t[sl].float()))
-    return out
 
 
 def tune_block(
@@ -95,7 +68,7 @@ def tune_block(
     layers = [m for m in block.modules() if isinstance(m, VQLinear)]
     if not layers or steps <= 0:
         return float("nan"), float("nan")
-    data = _micro(inps, kwargs, targets, batch)
+    data = split_batches(inps, kwargs, targets, batch=batch)
     held = data[: max(1, 8 // batch)]
     norms = _norm_weights(block)
     if train_linears:
@@ -104,11 +77,11 @@ def tune_block(
 
     def step_loss(_: int) -> torch.Tensor:
         x, kw, t = data[int(torch.randint(len(data), (1,), generator=gen))]
-        return _rel_loss(_first(block(x, **kw)).float(), t)
+        return rel_loss(_first(block(x, **kw)), t)
 
     def evaluate() -> float:
         with torch.no_grad():
-            return float(sum(_rel_loss(_first(block(x, **kw)).float(), t) for x, kw, t in held) / len(held))
+            return float(sum(rel_loss(_first(block(x, **kw)), t) for x, kw, t in held) / len(held))
 
     return _tune(block, layers, norms, step_loss, evaluate, steps, lr)
 
@@ -122,41 +95,28 @@ def _tune(
     steps: int,
     lr: float,
 ) -> tuple[float, float]:
-    """The tuning loop shared by :func:`tune_block` and :func:`tune_model`.
+    """What :func:`tune_block` and :func:`tune_model` share, on the block-reconstruction engine's
+    loop (:func:`~lowbit.methods.blockrecon.adam_steps`, :func:`~lowbit.methods.blockrecon.kept_if_better`).
 
     Freezes every parameter of ``root``; trains the ``layers``' scales (:meth:`VQLinear.start_tuning`)
     and the ``extra`` parameters with Adam (step ``lr`` × each tensor's mean magnitude) on
     ``step_loss(step)``; keeps the result only if ``evaluate()`` went down, else restores ``extra``.
     Returns ``(before, after)``; the parameters' ``requires_grad`` flags are restored.
     """
-    saved = [p.detach().clone() for p in extra]
     grad_flags = {id(p): p.requires_grad for p in root.parameters()}
     try:
         for p in root.parameters():
             p.requires_grad_(False)
-        before = evaluate()
         params: list[torch.Tensor] = []
         for m in layers:
             params += m.start_tuning()
         for p in extra:
             p.requires_grad_(True)
             params.append(p)
-        opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in params])
-        with torch.enable_grad():
-            for step in range(steps):
-                loss = step_loss(step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        after = evaluate()
-        keep = after < before
+        groups = [{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-8))} for p in params]
+        before, after, kept = kept_if_better(params, evaluate, lambda: adam_steps(groups, step_loss, steps))
         for m in layers:
-            m.stop_tuning(keep=keep)
-        if not keep:
-            with torch.no_grad():
-                for p, old in zip(extra, saved):
-                    p.copy_(old)
-            after = before
+            m.stop_tuning(keep=kept)
         return before, after
     finally:
         for m in layers:

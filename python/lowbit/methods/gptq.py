@@ -42,6 +42,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    return_updated: bool = False,
 ) -> GPTQResult:
     """Quantize ``W`` with GPTQ on any grid (uniform, ternary, binary).
 
@@ -56,6 +57,8 @@ def gptq(
         static_groups: find every group's parameters up front on the original column order (before
             any error feedback); codes are stored in the original order (``perm=None``) even with
             ``act_order``.
+        return_updated: also return each column as it was when rounded (``GPTQResult.updated``;
+            TesseraQ starts its rounding from it).
 
     Returns:
         :class:`GPTQResult` with ``qweight.method == "gptq"`` and the proxy loss
@@ -83,6 +86,7 @@ def gptq(
     del L, H
 
     codes = torch.empty(rows, n, dtype=torch.uint8, device=dev)
+    updated = torch.empty(rows, n, device=dev) if return_updated else None
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -102,6 +106,8 @@ def gptq(
                 scales[:, j // gs], zeros[:, j // gs] = s, z
             g = col_group[j]
             w = W1[:, i]
+            if updated is not None:
+                updated[:, j] = w
             c, q = grid.quantize_dequantize(w, scales[:, g], zeros[:, g])
             codes[:, j] = c
             err = (w - q) / R1[i, i]
@@ -111,8 +117,10 @@ def gptq(
         W[:, i2:] -= Err1 @ R[i1:i2, i2:]
 
     codes, perm = store_order(codes, order, act_order, static_groups)
+    if updated is not None:
+        updated, _ = store_order(updated, order, act_order, static_groups)
     qweight = grid.build(codes, scales, zeros, perm=perm, method="gptq")
-    return GPTQResult(qweight=qweight, loss=float(loss), damp=lam, n_dead=int(dead.sum()), order=order)
+    return GPTQResult(qweight=qweight, loss=float(loss), damp=lam, n_dead=int(dead.sum()), order=order, updated=updated)
 
 
 def _quantize(step, W, H, fisher):

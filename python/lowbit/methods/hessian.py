@@ -127,6 +127,9 @@ class GPTQResult:
         damp: the absolute value added to the diagonal of ``H`` (after any retries).
         n_dead: columns with ``H_ii == 0`` (never seen a non-zero input).
         order: ``(in,)`` int64 order in which the columns were processed.
+        updated: ``(out, in)`` float32, each column as it was when rounded (the error-corrected
+            weight whose round-to-nearest gives the codes), in the codes' storage order; only when
+            asked for (``return_updated``), else ``None``.
     """
 
     qweight: QuantizedWeight
@@ -134,6 +137,7 @@ class GPTQResult:
     damp: float
     n_dead: int
     order: torch.Tensor
+    updated: Optional[torch.Tensor] = None
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,6 +19,19 @@ Hooks, all optional, in the order the loop calls them:
 * ``after_model(step, model, calib, calib_dtype) -> (before, after) or None`` — once, after the
   loop (end-to-end tuning, QAT).
 
+A *block* method (learned post-training quantization, :mod:`lowbit.methods.blockrecon`) gives
+``quantize_block`` instead of relying on ``quantize`` alone:
+
+* ``quantize_block(step, block, groups, data, index) -> ({name: qweight}, (before, after) or None)``
+  — per decoder block, before any of its linears is replaced: ``groups`` the block's linears in
+  groups sharing an input, ``[[(path, nn.Linear), ...], ...]`` (the adapter's ``linear_groups``), ``data`` a :class:`~lowbit.methods.blockrecon.BlockData`
+  (the quantized chain's inputs, the full-precision targets); returns the packed weight of every
+  linear and the reconstruction loss before/after. The loop swaps the stored layers in itself.
+
+A method's own hyper-parameters are its ``options`` (name → default, JSON values); a step sets them
+through ``WeightQuant(options={...})``, checked by name here and by value in ``check_step(step)``
+(also where a method refuses a step it cannot run, e.g. a grid it does not support).
+
 Whole-model steps that run once after the weight step (the embeddings' and head's ``EmbedQuant``)
 register a :class:`PostWeightMethod` under their step kind; the loop finds them by the step.
 """
@@ -71,6 +84,18 @@ class WeightMethod:
     between_groups: Optional[Callable[..., None]] = None
     after_block: Optional[Callable[..., Optional[tuple[float, float]]]] = None
     after_model: Optional[Callable[..., Optional[tuple[float, float]]]] = None
+    quantize_block: Optional[Callable[..., tuple[dict, Optional[tuple[float, float]]]]] = None
+    options: dict = field(default_factory=dict)
+    check_step: Optional[Callable[[Any], None]] = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the loop must have calibration data for this method (Hessians, Fisher, blocks)."""
+        return bool(self.needs) or self.quantize_block is not None
+
+    def resolved_options(self, step: Any) -> dict:
+        """The method's options for ``step``: the defaults, replaced by the step's ``options``."""
+        return {**self.options, **(getattr(step, "options", None) or {})}
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -81,7 +106,7 @@ class WeightMethod:
 
 
 def _load_builtin() -> None:
-    from . import gptq, ldlq, quip, rsavq, rtn  # noqa: F401  (each registers itself)
+    from . import gptq, ldlq, omniquant, quip, rsavq, rtn, tesseraq  # noqa: F401  (each registers itself)
 
 
 _REGISTRY: Registry[WeightMethod] = Registry("weight method", _load_builtin)

@@ -1,0 +1,184 @@
+"""OmniQuant's learnable weight clipping (LWC; Shao et al., ICLR 2024), trained block by block.
+
+Per group of ``g`` input columns of a weight, two logits ``γ, β`` clip the range:
+
+    xmax' = σ(γ)·max(W_g, 0),  xmin' = σ(β)·min(W_g, 0)
+    s = fp16((xmax' − xmin') / (2^b − 1)),  z = round(−xmin' / s)
+    Ŵ = (clamp(round_ste(W / s) + z, 0, 2^b − 1) − z) · s
+
+``γ = β = 4`` at the start (σ = 0.982, the clip barely bites), trained with Adam on the relative
+error of the block's output against the full-precision block's on the full-precision chain (plus,
+with ``aug_loss``, against the full-precision block on the quantized chain), the quantized chain's
+inputs as input. ``z`` is rounded without a straight-through estimator, so ``γ, β`` get their
+gradients through ``s`` — as in the official code, which was compared with:
+OpenGVLab/OmniQuant ``quantize/quantizer.py`` (``UniformAffineQuantizer``: the sigmoid bounds,
+the clamp of ``s`` to [1e-5, 1e4], ``round_ste``) and ``quantize/omniquant.py`` (the block loop,
+``aug_loss``, AdamW with weight decay 0, 20 epochs at lr 1e-2).
+
+Differences, each deliberate:
+
+* the range is widened to include 0 (lowbit's asymmetric grid, so ``z`` is a code in
+  ``[0, 2^b − 1]`` that the packed layout stores), which changes nothing for a group that
+  straddles 0 — nearly all of them;
+* ``s`` is rounded to fp16 in the forward (straight-through), so the trained fake-quant block is
+  exactly the packed one;
+* the loss is the relative squared error (Adam is invariant to its scale), the trained clip is
+  kept only if a held-back part of the calibration sequences improved, and the loop runs fp32 with
+  bf16 autocast where the CPU has native bf16 (the official code's fp16 AMP breaks on CPUs).
+
+LET (the learnable equivalent transformation for W4A4) is not part of this file yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..errors import UnsupportedSizeError, ValueRangeError
+from ..grids.uniform import UniformGrid
+from .blockrecon import BlockData, WeightParametrization, check_recon_options, fake_quantized, fp16_ste, reconstruct, round_ste
+
+__all__ = ["LWC", "train_lwc", "OPTIONS"]
+
+#: the method's options and their defaults (``WeightQuant(options={...})``)
+OPTIONS = {
+    "epochs": 4,  # passes over the training sequences per block (the paper: 20, 40 at W2)
+    "lr": 5e-2,  # Adam step of the clipping logits (the official code: 1e-2 over 20 epochs of 128 sequences; 5e-2 for our few steps)
+    "init": 4.0,  # γ = β at the start: σ(4) = 0.982; "mse": the clip of the grid's MSE range search
+    "aug_loss": False,  # also match the full-precision block on the quantized chain's inputs
+    "batch": 1,  # sequences per step
+    "held_out": 0.125,  # fraction of the calibration sequences held back to keep or drop a block's clip
+}
+
+
+def _group_index(n: int, gs: int) -> torch.Tensor:
+    return torch.arange(n) // gs
+
+
+class LWC(WeightParametrization):
+    """Learnable weight clipping of one ``(out, in)`` weight on a uniform grid (see the module docstring).
+
+    Args:
+        W: the ``(out, in)`` float weight (its per-group range is read once, here).
+        grid: a :class:`~lowbit.grids.UniformGrid` (bits, group size, symmetric or not).
+        init: the starting value of every logit, or ``"mse"``: each group's logits start at the
+            clip ratio ``p`` the grid's MSE range search picks for it (``σ(γ) = σ(β) = p``), so that
+            LWC starts from round-to-nearest with MSE clipping (a lowbit option; the paper starts at 4).
+
+    Attributes:
+        gamma, beta: ``(out, n_groups)`` float32 logits (symmetric grids use ``gamma`` only).
+    """
+
+    def __init__(self, W: torch.Tensor, grid: UniformGrid, init: float = 4.0) -> None:
+        super().__init__()
+        W = W.detach().float()
+        out, n = W.shape
+        self.grid = grid
+        self.gs = grid.group_size_for(n)
+        self.register_buffer("gidx", _group_index(n, self.gs).to(W.device), persistent=False)
+        ng = int(self.gidx[-1]) + 1
+        lo = torch.zeros(out, ng, device=W.device).scatter_reduce(1, self.gidx.expand(out, n), W, "amin", include_self=True)
+        hi = torch.zeros(out, ng, device=W.device).scatter_reduce(1, self.gidx.expand(out, n), W, "amax", include_self=True)
+        if grid.sym:
+            hi = torch.maximum(hi, -lo)
+            lo = -hi
+        dead = (lo == 0) & (hi == 0)
+        self.register_buffer("xmin", torch.where(dead, -torch.ones_like(lo), lo), persistent=False)
+        self.register_buffer("xmax", torch.where(dead, torch.ones_like(hi), hi), persistent=False)
+        if init == "mse":
+            from dataclasses import replace
+
+            qw = replace(grid, mse=True).quantize_weight(W)
+            p = (qw.scales * grid.maxq / (self.xmax - self.xmin)).clamp(0.02, 0.998)
+            start = torch.log(p) - torch.log1p(-p)
+        else:
+            start = torch.full((out, ng), float(init), device=W.device)
+        self.gamma = torch.nn.Parameter(start.clone())
+        self.beta = torch.nn.Parameter(start.clone())
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)``, each ``(out, n_groups)`` float32: the scale fp16-exact (gradient
+        straight through the rounding), the zero point an integer code without gradient."""
+        maxq = self.grid.maxq
+        hi = torch.sigmoid(self.gamma) * self.xmax
+        if self.grid.sym:
+            s = fp16_ste((2 * hi / maxq).clamp(1e-5, 1e4))
+            return s, torch.full_like(s, self.grid.zero_const)
+        lo = torch.sigmoid(self.beta) * self.xmin
+        s = fp16_ste(((hi - lo) / maxq).clamp(1e-5, 1e4))
+        z = torch.round(-lo / s).clamp(0, maxq).detach()
+        return s, z
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        s, z = self.params()
+        s, z = s[:, self.gidx], z[:, self.gidx]
+        q = torch.clamp(round_ste(W / s) + z, 0, self.grid.maxq)
+        return (q - z) * s
+
+    @torch.no_grad()
+    def quantized(self, W: torch.Tensor) -> Any:
+        s, z = self.params()
+        codes = torch.clamp(torch.round(W.float() / s[:, self.gidx]) + z[:, self.gidx], 0, self.grid.maxq)
+        return self.grid.build(codes.to(torch.uint8), s, z, method="omniquant")
+
+
+def step_uniform_grid(step: Any, method: str) -> UniformGrid:
+    """The uniform grid of a weight step, for a method that only trains on uniform grids."""
+    if step.kind != "uniform":
+        raise UnsupportedSizeError(f"kind: the {method!r} method trains uniform grids only, got {step.kind!r}")
+    return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym)
+
+
+def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict) -> tuple[dict, tuple[float, float, bool]]:
+    """Train LWC on every linear of ``block`` (options ``opts``, see :data:`OPTIONS`).
+
+    Returns ``({path: LWC}, (before, after, kept))``: the trained clipping per linear (at its
+    initial value when not kept) and the held-back relative block error.
+    """
+    grid = step_uniform_grid(step, "omniquant")
+    lwcs = {name: LWC(lin.weight, grid, init=opts["init"]) for name, lin in linears}
+    params = [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))]
+    with fake_quantized(block, lwcs):
+        result = reconstruct(block, data, [{"params": params, "lr": opts["lr"]}], epochs=opts["epochs"],
+                             batch=opts["batch"], held_out=opts["held_out"], aug_loss=opts["aug_loss"], seed=index)
+    return lwcs, result
+
+
+def _quantize_block(step: Any, block: torch.nn.Module, groups: list, data: BlockData, index: int):
+    from .registry import weight_method
+
+    linears = [item for g in groups for item in g]
+    opts = weight_method("omniquant").resolved_options(step)
+    lwcs, (before, after, _) = train_lwc(step, block, linears, data, index, opts)
+    return {name: lwcs[name].quantized(lin.weight) for name, lin in linears}, (before, after)
+
+
+def check_options(opts: dict) -> None:
+    """Typed checks of the LWC options (``ValueRangeError`` naming the option)."""
+    check_recon_options(opts, ints=("epochs",), positive=("lr", "batch"), fractions=("held_out",), bools=("aug_loss",))
+    if opts["init"] != "mse" and (isinstance(opts["init"], bool) or not isinstance(opts["init"], (int, float))):
+        raise ValueRangeError(f"options: init must be a number or 'mse', got {opts['init']!r}")
+
+
+def _check_step(step: Any) -> None:
+    from .registry import weight_method
+
+    step_uniform_grid(step, "omniquant")
+    check_options(weight_method("omniquant").resolved_options(step))
+
+
+def _quantize(step: Any, W: torch.Tensor, H: Optional[torch.Tensor], fisher: Optional[torch.Tensor]):
+    """Without a block to train on (never reached through the loop): LWC at its initial clip."""
+    return LWC(W, step_uniform_grid(step, "omniquant"), init=OPTIONS["init"]).quantized(W), None
+
+
+def _register() -> None:
+    from .registry import WeightMethod, register
+    from .rtn import quant_linear_class
+
+    register(WeightMethod("omniquant", _quantize, quant_linear_class, quantize_block=_quantize_block,
+                          options=dict(OPTIONS), check_step=_check_step))
+
+
+_register()

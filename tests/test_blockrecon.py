@@ -1,0 +1,325 @@
+"""Block reconstruction (methods/blockrecon.py) and the methods on it: OmniQuant's LWC, TesseraQ.
+
+What is pinned: LWC at its initial clip is round-to-nearest within 2 %; TesseraQ's soft
+initialisation is the weight itself; the merge into the packed QuantLinear reproduces the trained
+fake-quant block (≤ 1e-5 relative); TesseraQ's codes survive re-rounding bit for bit (its merged
+weight on the initial grid, the dequantized weight on the stored scales); the hardening schedule;
+keep-if-better; the engine leaves the block's weights as they were; options are typed and checked
+by name; both methods lower a tiny block's error and their checkpoints load (test_compose.py runs
+them in every composition).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import UnsupportedSizeError, ValueRangeError
+from lowbit.grids import UniformGrid
+from lowbit.methods.blockrecon import BlockData, fake_quantized, kept_if_better, reconstruct, split_batches
+from lowbit.methods.omniquant import LWC, train_lwc
+from lowbit.methods.tesseraq import Rounding, rectified_sigmoid, rectified_sigmoid_inverse, train_tesseraq
+from lowbit.models.adapters import get_adapter
+from lowbit.models.tiny import random_ids, tiny_model
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.recipe import Recipe, WeightQuant
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _weight(out=48, n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, n, generator=g) * 0.05
+    W[:, 5] *= 8  # an outlier column, so the clip matters
+    return W
+
+
+def _block(arch="llama", n=6, seqlen=16):
+    """Decoder layer 0 of a tiny model, its captured inputs and full-precision outputs."""
+    from lowbit.driver import _capture, _first
+
+    model = tiny_model(arch, seed=2)
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers(model)[0]
+    ids = random_ids(n, seqlen, seed=1)
+    inps, kwargs = _capture(model, layer, [(ids[i : i + 2], {"use_cache": False}) for i in range(0, n, 2)])
+    with torch.no_grad():
+        outs = [_first(layer(x, **kw)) for x, kw in zip(inps, kwargs)]
+    linears = [item for g in adapter.linear_groups(layer) for item in g]
+    return layer, linears, BlockData(inps, kwargs, outs, outs)
+
+
+def _outputs(block, data):
+    from lowbit.driver import _first
+
+    with torch.no_grad():
+        return torch.cat([_first(block(x, **kw)) for x, kw in zip(data.inps, data.kwargs)])
+
+
+def _swap_packed(block, linears, quantizers):
+    from lowbit.driver import _set_module
+
+    for name, lin in linears:
+        _set_module(block, name, QuantLinear.from_quantized(quantizers[name].quantized(lin.weight), lin.bias))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# OmniQuant LWC
+
+
+@pytest.mark.parametrize("bits,gs", [(2, 32), (3, 64), (4, 32)])
+def test_lwc_at_init_is_rtn_within_2_percent(bits, gs):
+    W = _weight()
+    grid = UniformGrid(bits=bits, group_size=gs)
+    e_rtn = _rel(grid.quantize_weight(W).dequantize(), W)
+    with torch.no_grad():
+        e_lwc = _rel(LWC(W, grid)(W), W)
+    assert abs(e_lwc / e_rtn - 1) <= 0.02, (e_lwc, e_rtn)
+
+
+def test_lwc_merge_is_the_fake_quant_weight_and_packs():
+    W = _weight()
+    q = LWC(W, UniformGrid(bits=3, group_size=32))
+    with torch.no_grad():
+        q.gamma.uniform_(-1, 4)
+        q.beta.uniform_(-1, 4)
+        fake = q(W)
+    qw = q.quantized(W)
+    assert torch.equal(qw.scales, qw.scales.half().float())  # fp16-exact: the checkpoint stores them
+    torch.testing.assert_close(qw.dequantize(), fake, rtol=0, atol=1e-7)
+    torch.testing.assert_close(QuantLinear.from_quantized(qw).dequantize_weight(), fake, rtol=0, atol=1e-7)
+
+
+def test_lwc_gradients_reach_both_logits():
+    W = _weight()
+    q = LWC(W, UniformGrid(bits=2, group_size=32))
+    (q(W) - W).pow(2).sum().backward()
+    assert q.gamma.grad.abs().sum() > 0 and q.beta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_lwc_block_reproduces_the_trained_fake_quant_block(arch):
+    block, linears, data = _block(arch)
+    step = WeightQuant("omniquant", 2, 32)
+    opts = {"epochs": 3, "lr": 0.05, "init": 4.0, "aug_loss": True, "batch": 1, "held_out": 0.2}
+    lwcs, (before, after, kept) = train_lwc(step, block, linears, data, 0, opts)
+    assert kept and after < before
+    assert any(float((q.gamma - 4).abs().max()) > 1e-3 for q in lwcs.values())
+    with fake_quantized(block, lwcs):
+        fake = _outputs(block, data)
+    _swap_packed(block, linears, lwcs)
+    assert _rel(_outputs(block, data), fake) <= 1e-5
+
+
+def test_fake_quantized_restores_the_weights_even_on_error():
+    block, linears, _ = _block()
+    name, lin = linears[0]
+    W = lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        with fake_quantized(block, {name: LWC(W, UniformGrid(bits=2, group_size=32))}):
+            assert not torch.equal(block.get_submodule(name).weight, W)
+            raise RuntimeError("boom")
+    lin = block.get_submodule(name)
+    assert type(lin) is torch.nn.Linear and isinstance(lin.weight, torch.nn.Parameter)
+    assert torch.equal(lin.weight, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# TesseraQ
+
+
+def test_rectified_sigmoid_inverse():
+    p = torch.linspace(0, 0.999, 101)
+    torch.testing.assert_close(rectified_sigmoid(rectified_sigmoid_inverse(p)), p, rtol=0, atol=1e-5)
+
+
+def _rounding(W, bits=3, gs=32):
+    grid = UniformGrid(bits=bits, group_size=gs)  # min-max: every weight inside the range
+    qw = grid.quantize_weight(W)
+    return Rounding(W, qw.scales, qw.zeros, grid), qw
+
+
+def test_tesseraq_init_is_nearest_and_soft_init_is_the_weight():
+    W = _weight()
+    r, qw = _rounding(W)
+    with torch.no_grad():
+        assert torch.equal(r.codes().to(torch.uint8), qw.codes)  # hard at first: round to nearest
+        r.release()
+        # soft: the weight itself, wherever the grid reaches it (the zero point's rounding moves
+        # the range by up to half a step, so a group's extreme weight can fall outside)
+        x = r.base + r.frac + r.zero[:, r.gidx]
+        inside = (x >= 0) & (x <= r.grid.maxq)
+        assert float(inside.float().mean()) > 0.95
+        torch.testing.assert_close(r(W)[inside], W[inside], rtol=1e-6, atol=1e-7)
+
+
+def test_tesseraq_hardening_schedule():
+    W = _weight()
+    r, _ = _rounding(W)
+    r.release()
+    with torch.no_grad():
+        r.nu.add_(torch.randn_like(r.nu))
+    seen = r.hard.clone()
+    for q in (0.8, 0.5, 0.1):
+        r.harden(q)
+        assert abs(float(r.hard.float().mean()) - (1 - q)) <= 0.01
+        assert bool((r.hard | ~seen).all())  # hard stays hard
+        seen = r.hard.clone()
+    leaning = rectified_sigmoid(r.nu) > 0.5
+    r.harden(0.0)
+    assert bool(r.hard.all())
+    assert torch.equal(r.up[~seen], leaning[~seen])  # the last soft ones round the way they lean
+
+
+def test_tesseraq_merge_survives_rerounding_bit_for_bit():
+    W = _weight()
+    r, qw = _rounding(W, bits=2)
+    grid = r.grid
+    r.release()
+    with torch.no_grad():
+        r.nu.add_(2 * torch.randn_like(r.nu))
+        r.v.uniform_(-0.3, 0.3)
+    r.harden(0.0)
+    codes = r.codes().to(torch.uint8)
+    assert not torch.equal(codes, qw.codes)  # the rounding changed
+    # the official code's merge: plain rounding of the merged weight on the initial grid
+    gidx = torch.arange(W.shape[1]) // 32
+    assert torch.equal(grid.quantize(r.merged_weight(W), qw.scales[:, gidx], qw.zeros[:, gidx]), codes)
+    # the stored layer: the learned codes, and re-rounding its weight on its scales gives them back
+    out = r.quantized(W)
+    ql = QuantLinear.from_quantized(out)
+    assert torch.equal(out.codes, codes)
+    assert torch.equal(grid.quantize(ql.dequantize_weight(), out.scales[:, gidx], out.zeros[:, gidx]), codes)
+    with torch.no_grad():
+        torch.testing.assert_close(ql.dequantize_weight(), r(W), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("init", ["rtn", "lwc", "gptq"])
+def test_merged_tesseraq_block_reproduces_the_trained_block(init):
+    block, linears, data = _block()
+    groups = get_adapter(tiny_model("llama")).linear_groups(block)
+    step = WeightQuant("tesseraq", 2, 32)
+    from lowbit.methods.registry import weight_method
+
+    opts = {**weight_method("tesseraq").options, "init": init, "lwc_epochs": 1, "stage_steps": 12, "thresholds": [0.5, 0.2, 0.05]}
+    roundings, (before, after, kept), _ = train_tesseraq(step, block, groups, data, 0, opts)
+    assert after <= before and (kept or init != "lwc")  # the tiny random block: not always better than RTN's or GPTQ's
+    assert all(bool(r.hard.all()) for r in roundings.values())
+    with fake_quantized(block, roundings):
+        fake = _outputs(block, data)
+    _swap_packed(block, linears, roundings)
+    assert _rel(_outputs(block, data), fake) <= 1e-5
+
+
+def test_tesseraq_gptq_init_starts_from_gptqs_codes():
+    from lowbit.methods.gptq import gptq
+    from lowbit.methods.tesseraq import _init_grid
+
+    block, linears, data = _block()
+    groups = get_adapter(tiny_model("llama")).linear_groups(block)
+    step = WeightQuant("gptq", 3, 32)  # act-order on: the codes are stored permuted
+    grid, init, _ = _init_grid(step, block, groups, data, 0, {"init": "gptq"})
+    from lowbit.methods.tesseraq import input_hessians
+
+    H = input_hessians(block, groups, data)[0]
+    name, lin = groups[0][0]
+    want = gptq(lin.weight.detach().float(), H, UniformGrid(bits=3, group_size=32, mse=True), damp=step.damp, act_order=True)
+    r = Rounding(*init[name][:3], grid, perm=init[name][3])
+    got = r.quantized(None)
+    assert torch.equal(got.codes, want.qweight.codes) and torch.equal(got.perm, want.qweight.perm)
+    with torch.no_grad():
+        torch.testing.assert_close(r(None), want.qweight.dequantize(), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
+def test_kept_if_better_restores_a_worse_or_nan_training():
+    p = torch.nn.Parameter(torch.ones(3))
+    b = torch.zeros(3, dtype=torch.bool)
+    loss = {"v": 1.0}
+
+    def worse():
+        with torch.no_grad():
+            p.mul_(5)
+        b.fill_(True)
+        loss["v"] = float("nan")
+
+    before, after, kept = kept_if_better([p, b], lambda: loss["v"], worse)
+    assert not kept and after == before == 1.0
+    assert torch.equal(p.detach(), torch.ones(3)) and not bool(b.any())
+
+
+def test_reconstruct_holds_back_sequences_and_restores_grad_flags():
+    block, linears, data = _block(n=8)
+    flags = {n: p.requires_grad for n, p in block.named_parameters()}
+    seen = []
+    norm = [p for n, p in block.named_parameters() if "norm" in n][0]
+    orig_loss = None
+
+    def train(recon):
+        nonlocal orig_loss
+        held = {id(it[0]) for it in recon.held}
+        seen.extend(id(it[0]) for it in recon.train if id(it[0]) in held)
+        assert len(recon.held) == 2 and len(recon.train) == 6  # 8 sequences, a quarter held back
+        orig_loss = recon.evaluate()
+
+    reconstruct(block, data, [{"params": [norm], "lr": 1e-3}], held_out=0.25, train=train)
+    assert not seen and orig_loss is not None
+    assert {n: p.requires_grad for n, p in block.named_parameters()} == flags
+
+
+def test_split_batches_slices_the_kwargs():
+    block, linears, data = _block(n=6)
+    items = split_batches(data.inps, data.kwargs, data.targets, batch=1)
+    assert len(items) == 6 and all(x.shape[0] == 1 and t.shape == x.shape for x, _, t in items)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe and the loop
+
+
+def test_methods_lower_the_block_error_of_a_tiny_model(tmp_path):
+    calib = random_ids(8, 32, seed=1)
+    for method, opts in (("omniquant", {"epochs": 4, "lr": 0.05}), ("tesseraq", {"lwc_epochs": 1, "stage_steps": 4})):
+        model = lowbit.quantize(tiny_model("llama", seed=2), [WeightQuant(method, 2, 32, options=opts)], calib, progress=False)
+        report = model.lowbit_report
+        assert report.finetune and all(a <= b for b, a in report.finetune.values())
+        assert any(a < b for b, a in report.finetune.values())
+        assert {s.method for s in report.layers} == {method}
+        loaded = lowbit.load(lowbit.save(model, tmp_path / method))
+        ids = random_ids(2, 16, seed=3)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_options_are_checked_by_name_and_value():
+    with pytest.raises(ValueRangeError, match="options: the 'omniquant' weight method has no option"):
+        WeightQuant("omniquant", 3, 64, options={"epoch": 2})
+    with pytest.raises(ValueRangeError, match="options: epochs"):
+        WeightQuant("omniquant", 3, 64, options={"epochs": -1})
+    with pytest.raises(ValueRangeError, match="options: init"):
+        WeightQuant("tesseraq", 3, 64, options={"init": "gptq-ish"})
+    with pytest.raises(ValueRangeError, match="options: thresholds"):
+        WeightQuant("tesseraq", 3, 64, options={"thresholds": [0.5, 1.5]})
+    with pytest.raises(ValueRangeError, match="options: the 'gptq' weight method has no option"):
+        WeightQuant("gptq", 3, 64, options={"epochs": 2})
+    with pytest.raises(UnsupportedSizeError, match="kind: the 'omniquant' method trains uniform grids only"):
+        WeightQuant("omniquant", 2, 64, kind="ternary")
+    with pytest.raises(ValueRangeError, match="options: must be a dict"):
+        WeightQuant("tesseraq", 3, 64, options=[("lr", 1)])
+
+
+def test_options_travel_with_the_recipe():
+    r = Recipe((WeightQuant("tesseraq", 2, 32, options={"thresholds": (0.5, 0.1), "lr": 0.02}),))
+    back = Recipe.from_list(r.to_list())
+    assert back.weight.options == {"thresholds": [0.5, 0.1], "lr": 0.02}
+    assert back.needs_calibration
+    assert lowbit.recipe.PRESETS["w2-omniquant"].weight.options == {"aug_loss": True}
