@@ -6,7 +6,12 @@
 
 A preset may carry overrides of its weight step as ``+field=value`` (``none``, ``true``/``false``,
 numbers), e.g. ``w4-gptq+group_size=none`` for per-channel GPTQ at about 4 bits, and of another
-step as ``+kind.field=value``, e.g. ``kv2-akvq+kv.salient_frac=0.02``.
+step as ``+kind.field=value``, e.g. ``kv2-akvq+kv.salient_frac=0.02``, and of a weight method's
+own options as ``+opt.name=value``, e.g. ``w3-tesseraq+opt.init=gptq``. ``--rss`` adds each
+preset's peak resident memory.
+
+    python benches/presets.py --tag blockrecon-w3 --calib-samples 32 --eval-tokens 8192 --rss \
+        --presets w3-rtn,w3-gptq,w3-omniquant,w3-tesseraq+opt.init=gptq,w3-tesseraq
 
 Both evaluation splits, side by side: in-domain (Shakespeare's tragedies, Hamlet first) and
 out-of-domain (news), FP measured in the same run. Calibration: the built-in multi-domain mix
@@ -49,6 +54,9 @@ def _recipe(spec: str):
     for p in parts:
         key, _, value = p.partition("=")
         kind, _, field = key.rpartition(".")
+        if kind == "opt":  # a weight method's own option, merged into the step's options
+            overrides.setdefault("weight", {}).setdefault("options", {})[field] = _parse_value(value)
+            continue
         overrides.setdefault(kind or "weight", {})[field] = _parse_value(value)
     return name, overrides
 
@@ -62,10 +70,35 @@ def _apply(recipe, overrides: dict, label: str):
 
     overrides, steps = dict(overrides), []
     for s in recipe.steps:
-        steps.append(replace(s, **overrides.pop(s.step)) if s.step in overrides else s)
+        if s.step in overrides:
+            change = overrides.pop(s.step)
+            if "options" in change:  # merged with the preset's own options
+                change["options"] = {**(getattr(s, "options", None) or {}), **change["options"]}
+            s = replace(s, **change)
+        steps.append(s)
     if overrides:
         raise SystemExit(f"--presets {label}: the recipe has no {', '.join(overrides)} step to change")
     return lowbit.Recipe(tuple(steps), label)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (Linux: ``5`` into ``/proc/self/clear_refs``);
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory since the last reset (``VmHWM``), GiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def main() -> int:
@@ -79,6 +112,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--rss", action="store_true",
+                    help="report each preset's peak resident memory (Linux: the peak is reset before each one)")
     args = ap.parse_args()
 
     import torch
@@ -94,7 +129,7 @@ def main() -> int:
     model, ids, calib, fp = b.model, b.ids, b.calib, b.fp
     splits = data.EVAL_SPLITS
     rows = [{"preset": "fp32", "ppl": fp, "ratio": {sp: 1.0 for sp in splits}, "bits": 32.0, "act": "-", "kv": "-", "seconds": 0.0}]
-    for name in args.presets.split(","):
+    def run(name: str) -> dict:
         q = copy.deepcopy(model)
         t = time.perf_counter()
         preset, overrides = _recipe(name)
@@ -125,20 +160,29 @@ def main() -> int:
             kv = f"{cache.kv_bytes_per_token():.0f} B vs {cache.fp16_bytes_per_token():.0f} B fp16"
         wbits = bits / n if n else 32.0
         ratio = {sp: ppl[sp] / fp[sp] for sp in splits}
-        rows.append({"preset": name, "ppl": ppl, "ratio": ratio, "bits": wbits, "act": act, "kv": kv, "seconds": secs})
-        print(f"{name:18s} in-domain ppl {ppl['in-domain']:9.2f} ×FP {ratio['in-domain']:7.3f}  "
-              f"out-of-domain ppl {ppl['out-of-domain']:9.2f} ×FP {ratio['out-of-domain']:7.3f}  "
-              f"bits/w {wbits:.3f}  {act}  KV {kv}  {secs:6.1f} s", flush=True)
-        del q
+        return {"preset": name, "ppl": ppl, "ratio": ratio, "bits": wbits, "act": act, "kv": kv, "seconds": secs}
+
+    for name in args.presets.split(","):
+        measure = args.rss and _reset_peak_rss()
+        row = run(name)
+        if measure:
+            row["peak_rss_gib"] = _peak_rss_gib()
+        rows.append(row)
+        rss = f"  peak RSS {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""
+        print(f"{name:18s} in-domain ppl {row['ppl']['in-domain']:9.2f} ×FP {row['ratio']['in-domain']:7.3f}  "
+              f"out-of-domain ppl {row['ppl']['out-of-domain']:9.2f} ×FP {row['ratio']['out-of-domain']:7.3f}  "
+              f"bits/w {row['bits']:.3f}  {row['act']}  KV {row['kv']}  {row['seconds']:6.1f} s{rss}", flush=True)
 
     source = args.calib_data or ("parts " + args.calib_parts if args.calib_parts else "the built-in mix")
     head = (f"SmolLM2-135M-Instruct, first {args.eval_tokens} tokens of each evaluation split (in-domain: tragedies; "
             f"out-of-domain: news), seqlen {args.seqlen}, {args.calib_samples}×{args.seqlen} calibration tokens from "
             f"{source}, {args.threads} threads")
     md = [head, "", "| preset | ppl in-domain | × FP | ppl out-of-domain | × FP | bits/weight (linears, incl. scales) "
-          "| activations | KV cache per token | quantization time |", "|---|---|---|---|---|---|---|---|---|"]
+          "| activations | KV cache per token | quantization time |" + (" peak RSS |" if args.rss else ""),
+          "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.rss else "")]
     md += [f"| {r['preset']} | {r['ppl']['in-domain']:.2f} | {r['ratio']['in-domain']:.3f} | {r['ppl']['out-of-domain']:.2f} "
-           f"| {r['ratio']['out-of-domain']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |" for r in rows]
+           f"| {r['ratio']['out-of-domain']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |"
+           + (f" {r['peak_rss_gib']:.2f} GiB |" if "peak_rss_gib" in r else (" - |" if args.rss else "")) for r in rows]
     text = "\n".join(md)
     print(text)
     if not args.no_write:

@@ -18,7 +18,9 @@ import lowbit
 from lowbit.errors import UnsupportedSizeError, ValueRangeError
 from lowbit.grids import UniformGrid
 from lowbit.methods.blockrecon import BlockData, fake_quantized, kept_if_better, reconstruct, split_batches
+from lowbit.methods.let import LET
 from lowbit.methods.omniquant import LWC, train_lwc
+from lowbit.methods.omniquant import OPTIONS as OMNI_OPTIONS
 from lowbit.methods.tesseraq import Rounding, rectified_sigmoid, rectified_sigmoid_inverse, train_tesseraq
 from lowbit.models.adapters import get_adapter
 from lowbit.models.tiny import random_ids, tiny_model
@@ -48,7 +50,7 @@ def _block(arch="llama", n=6, seqlen=16):
     with torch.no_grad():
         outs = [_first(layer(x, **kw)) for x, kw in zip(inps, kwargs)]
     linears = [item for g in adapter.linear_groups(layer) for item in g]
-    return layer, linears, BlockData(inps, kwargs, outs, outs)
+    return layer, linears, BlockData(inps, kwargs, outs, outs, adapter=adapter, dims=adapter.dims(model))
 
 
 def _outputs(block, data):
@@ -107,14 +109,61 @@ def test_lwc_gradients_reach_both_logits():
 def test_merged_lwc_block_reproduces_the_trained_fake_quant_block(arch):
     block, linears, data = _block(arch)
     step = WeightQuant("omniquant", 2, 32)
-    opts = {"epochs": 3, "lr": 0.05, "init": 4.0, "aug_loss": True, "batch": 1, "held_out": 0.2}
+    opts = {**OMNI_OPTIONS, "epochs": 3, "lr": 0.05, "init": 4.0, "aug_loss": True, "held_out": 0.2}
     lwcs, (before, after, kept) = train_lwc(step, block, linears, data, 0, opts)
     assert kept and after < before
-    assert any(float((q.gamma - 4).abs().max()) > 1e-3 for q in lwcs.values())
+    assert any(float((q.gamma.detach() - 4).abs().max()) > 1e-3 for q in lwcs.values())
     with fake_quantized(block, lwcs):
         fake = _outputs(block, data)
     _swap_packed(block, linears, lwcs)
     assert _rel(_outputs(block, data), fake) <= 1e-5
+
+
+def test_lwc_init_mse_starts_from_the_mse_clip():
+    W = _weight()
+    grid = UniformGrid(bits=3, group_size=32)
+    with torch.no_grad():
+        got = LWC(W, grid, init="mse")(W)
+    from dataclasses import replace
+
+    want = replace(grid, mse=True).quantize_weight(W).dequantize()
+    assert _rel(got, want) < 0.05 * _rel(want, W)  # the same clip, up to its fp16 rounding
+
+
+# ---------------------------------------------------------------------------------------------
+# LET
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_let_without_quantization_leaves_the_block_unchanged(arch):
+    block, linears, data = _block(arch)
+    assert data.dims.n_kv_heads < data.dims.n_heads  # GQA: the v→o and q·k scales are per KV head
+    want = _outputs(block, data)
+    let = LET(block, data.adapter, data.dims, data, alpha=0.75, fp16_norms=False)
+    with torch.no_grad():
+        for p in let.params():
+            p.mul_(torch.empty_like(p).uniform_(0.5, 2.0))  # away from the initialisation
+    with fake_quantized(block, let.parametrizations(block, {})):
+        assert _rel(_outputs(block, data), want) <= 1e-4
+    let.merge(block)  # merged into the weights, norms and biases: still the same block
+    assert _rel(_outputs(block, data), want) <= 1e-4
+
+
+def test_merged_let_and_lwc_block_reproduces_the_trained_block():
+    block, linears, data = _block("qwen2")  # q/k/v biases: scaled with their rows
+    step = WeightQuant("omniquant", 4, 32)
+    opts = {**OMNI_OPTIONS, "epochs": 2, "let": True}
+    let_start = LET(block, data.adapter, data.dims, data).s_attn.detach().clone()
+    lwcs, (before, after, kept) = train_lwc(step, block, linears, data, 0, opts)
+    assert after <= before
+    # the block's norms and linears now hold the transformation; its packed form is the trained block
+    norm = data.adapter.attn_norm(block).weight
+    assert torch.equal(norm, norm.half().float())
+    with fake_quantized(block, lwcs):
+        fake = _outputs(block, data)
+    _swap_packed(block, linears, lwcs)
+    assert _rel(_outputs(block, data), fake) <= 1e-5
+    assert let_start.shape == (data.dims.hidden,)
 
 
 def test_fake_quantized_restores_the_weights_even_on_error():

@@ -26,7 +26,7 @@ ROTATIONS = {"none": None, "quarot": Rotate("quarot"), "spinquant": Rotate("spin
 # and the block-reconstruction methods with a few steps
 _FAST = {
     "rsavq": dict(bits=2.0, fisher_samples=2, kmeans_iters=2),
-    "omniquant": dict(options={"epochs": 1}),
+    "omniquant": dict(options={"epochs": 1, "let": True}),
     "tesseraq": dict(options={"lwc_epochs": 1, "stage_steps": 2, "thresholds": [0.5]}),
 }
 WEIGHTS = {

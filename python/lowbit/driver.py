@@ -404,10 +404,15 @@ def _reconstruct_blocks(model, adapter, layers, method, step, inps, kwargs, repo
     """The loop of a block method (``method.quantize_block``): per decoder layer, the full-precision
     outputs on both chains, the method's training and merge, the stored layers swapped in, then
     the quantized layer's outputs as the next layer's inputs. The full-precision chain starts from
-    the same layer-0 inputs and runs alongside (one more copy of the activations)."""
+    the same layer-0 inputs and runs alongside (one more copy of the activations). With an
+    activation step, each quantized layer gets its activation quantizer at once, so the quantized
+    chain is the one the model will run (and the method trains with it: ``BlockData.act``)."""
     from .methods.blockrecon import BlockData
+    from .nn.online import InputTransform
 
     fp_inps = list(inps)
+    act = report.recipe.activation.quantizer_config() if report.recipe.activation is not None else None
+    dims = adapter.dims(model)
     bar = _progress(len(layers), progress, report.recipe)
     prefix = _layer_prefix(model, layers)
     for key in ("outputs", "quantize"):
@@ -420,7 +425,7 @@ def _reconstruct_blocks(model, adapter, layers, method, step, inps, kwargs, repo
         del runner
         groups = adapter.linear_groups(layer)
         linears = [item for g in groups for item in g]
-        data = BlockData(inps, kwargs, targets, fp_outs, autocast=calib_dtype)
+        data = BlockData(inps, kwargs, targets, fp_outs, autocast=calib_dtype, adapter=adapter, dims=dims, act=act)
         t1 = time.perf_counter()
         qweights, result = method.quantize_block(step, layer, groups, data, li)
         per = (time.perf_counter() - t1) / max(1, len(linears))
@@ -429,6 +434,9 @@ def _reconstruct_blocks(model, adapter, layers, method, step, inps, kwargs, repo
         for name, lin in linears:
             ql = _swap_in(report, f"{prefix}.{li}.{name}", layer, name, lin, method, step, None, quantized=(qweights[name], None), seconds=per)
             ql.cache_dequantized = True
+            if act is not None:  # the quantized chain runs as the model will: activations quantized too
+                old = input_transform_of(ql)
+                attach_input_transform(ql, InputTransform(hadamard=old is not None and old.hadamard, act=act))
         t2 = time.perf_counter()
         report.stage_seconds["quantize"] += t2 - t1
         report.block_output_error[li] = _advance(layer, [n for n, _ in linears], inps, kwargs, fp_outs, calib_dtype)

@@ -666,6 +666,15 @@ PRESETS: dict[str, Recipe] = {
     "w4a4kv4-spinquant": Recipe(
         (Rotate("spinquant"), WeightQuant("gptq", 4, 64), ActQuant(4), KVQuant(4, "uniform")), "w4a4kv4-spinquant"
     ),
+    # OmniQuant's W4A4 setting: LWC + LET trained with the 4-bit activations on (let_lr 1e-3, alpha 0.75)
+    "w4a4kv4-omniquant": Recipe(
+        (WeightQuant("omniquant", 4, 64, options={"let": True, "let_lr": 1e-3}), ActQuant(4), KVQuant(4, "uniform")), "w4a4kv4-omniquant"
+    ),
+    # TesseraQ's rounding on QuaRot's rotated model, from GPTQ's codes, trained with the 4-bit activations on
+    "w4a4kv4-quarot-tesseraq": Recipe(
+        (Rotate("quarot"), WeightQuant("tesseraq", 4, 64, options={"init": "gptq"}), ActQuant(4), KVQuant(4, "uniform")),
+        "w4a4kv4-quarot-tesseraq",
+    ),
     # KV cache only, on an otherwise full-precision model
     "kv4-kvquant": Recipe((KVQuant(4, "kvquant"),), "kv4-kvquant"),
     "kv2-kvquant": Recipe((KVQuant(2, "kvquant"),), "kv2-kvquant"),

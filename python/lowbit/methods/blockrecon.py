@@ -39,6 +39,7 @@ __all__ = [
     "BlockData",
     "WeightParametrization",
     "fake_quantized",
+    "quantized_inputs",
     "adam_steps",
     "kept_if_better",
     "reconstruct",
@@ -60,6 +61,10 @@ class BlockData:
             shapes as ``inps``).
         fp_outs: the full-precision block's outputs on ``inps`` (the quantized chain).
         autocast: run the training passes under CPU autocast in this dtype (``None``: float32).
+        adapter: the architecture's adapter (roles, norms), for methods that transform the block.
+        dims: the model's :class:`~lowbit.models.adapters.Dims` (head counts and widths).
+        act: the recipe's activation quantizer (:meth:`lowbit.recipe.ActQuant.quantizer_config`),
+            or ``None``: a method trains with it on every linear's input.
     """
 
     inps: Sequence[torch.Tensor]
@@ -67,6 +72,9 @@ class BlockData:
     targets: Sequence[torch.Tensor]
     fp_outs: Sequence[torch.Tensor]
     autocast: Optional[torch.dtype] = None
+    adapter: Any = None
+    dims: Any = None
+    act: Optional[dict] = None
 
     @property
     def n_sequences(self) -> int:
@@ -136,21 +144,42 @@ class WeightParametrization(nn.Module, abc.ABC):
 
 @contextlib.contextmanager
 def fake_quantized(block: nn.Module, quantizers: dict[str, nn.Module]) -> Iterator[None]:
-    """Within the context, each ``block.get_submodule(name).weight`` is ``quantizers[name](W)``.
+    """Within the context, each ``block.get_submodule(name).weight`` is ``quantizers[name](W)``
+    (a key ``"name:bias"`` parametrizes that module's ``bias`` instead).
 
-    The linears' own weights stay untouched (the parametrization keeps the original tensor and
+    The modules' own tensors stay untouched (the parametrization keeps the original tensor and
     the context restores it on exit, whatever happens inside).
     """
-    done: list[nn.Module] = []
+    done: list[tuple[nn.Module, str]] = []
     try:
-        for name, q in quantizers.items():
-            lin = block.get_submodule(name)
-            parametrize.register_parametrization(lin, "weight", q, unsafe=True)
-            done.append(lin)
+        for key, q in quantizers.items():
+            path, _, tensor = key.partition(":")
+            mod = block.get_submodule(path)
+            parametrize.register_parametrization(mod, tensor or "weight", q, unsafe=True)
+            done.append((mod, tensor or "weight"))
         yield
     finally:
-        for lin in done:
-            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+        for mod, tensor in done:
+            parametrize.remove_parametrizations(mod, tensor, leave_parametrized=False)
+
+
+@contextlib.contextmanager
+def quantized_inputs(linears: Sequence[nn.Module], act: Optional[dict]) -> Iterator[None]:
+    """Within the context, each linear's input goes through the activation quantizer ``act``
+    (straight-through gradient), after the online Hadamard it already has; ``None`` changes nothing."""
+    from ..nn.online import InputTransform, attach_input_transform, input_transform_of
+
+    if act is None:
+        yield
+        return
+    old = [input_transform_of(m) for m in linears]
+    try:
+        for m, t in zip(linears, old):
+            attach_input_transform(m, InputTransform(hadamard=t is not None and t.hadamard, act=act))
+        yield
+    finally:
+        for m, t in zip(linears, old):
+            attach_input_transform(m, t)
 
 
 def adam_steps(

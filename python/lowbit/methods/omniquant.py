@@ -26,7 +26,9 @@ Differences, each deliberate:
   kept only if a held-back part of the calibration sequences improved, and the loop runs fp32 with
   bf16 autocast where the CPU has native bf16 (the official code's fp16 AMP breaks on CPUs).
 
-LET (the learnable equivalent transformation for W4A4) is not part of this file yet.
+With ``let`` the block's learnable equivalent transformation (:mod:`lowbit.methods.let`) is trained
+with the clip, and the recipe's activation quantizer (if any) runs on every linear's input during
+training: OmniQuant's W4A4 setting.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ import torch
 
 from ..errors import UnsupportedSizeError, ValueRangeError
 from ..grids.uniform import UniformGrid
-from .blockrecon import BlockData, WeightParametrization, check_recon_options, fake_quantized, fp16_ste, reconstruct, round_ste
+from .blockrecon import (
+    BlockData,
+    WeightParametrization,
+    check_recon_options,
+    fake_quantized,
+    fp16_ste,
+    quantized_inputs,
+    reconstruct,
+    round_ste,
+)
+from .let import LET
 
 __all__ = ["LWC", "train_lwc", "OPTIONS"]
 
@@ -49,6 +61,10 @@ OPTIONS = {
     "aug_loss": False,  # also match the full-precision block on the quantized chain's inputs
     "batch": 1,  # sequences per step
     "held_out": 0.125,  # fraction of the calibration sequences held back to keep or drop a block's clip
+    "let": False,  # learn the equivalent transformation too (methods/let.py; for 4-bit activations)
+    "let_lr": 5e-3,  # its step (the official code: 5e-3, 1e-3 for W4A4)
+    "alpha": 0.75,  # SmoothQuant's migration strength of its initialisation (0.75 for W4A4)
+    "let_qk": True,  # also scale q·kᵀ (RoPE pairs tied)
 }
 
 
@@ -70,7 +86,7 @@ class LWC(WeightParametrization):
         gamma, beta: ``(out, n_groups)`` float32 logits (symmetric grids use ``gamma`` only).
     """
 
-    def __init__(self, W: torch.Tensor, grid: UniformGrid, init: float = 4.0) -> None:
+    def __init__(self, W: torch.Tensor, grid: UniformGrid, init: Any = 4.0) -> None:
         super().__init__()
         W = W.detach().float()
         out, n = W.shape
@@ -78,48 +94,56 @@ class LWC(WeightParametrization):
         self.gs = grid.group_size_for(n)
         self.register_buffer("gidx", _group_index(n, self.gs).to(W.device), persistent=False)
         ng = int(self.gidx[-1]) + 1
-        lo = torch.zeros(out, ng, device=W.device).scatter_reduce(1, self.gidx.expand(out, n), W, "amin", include_self=True)
-        hi = torch.zeros(out, ng, device=W.device).scatter_reduce(1, self.gidx.expand(out, n), W, "amax", include_self=True)
-        if grid.sym:
-            hi = torch.maximum(hi, -lo)
-            lo = -hi
-        dead = (lo == 0) & (hi == 0)
-        self.register_buffer("xmin", torch.where(dead, -torch.ones_like(lo), lo), persistent=False)
-        self.register_buffer("xmax", torch.where(dead, torch.ones_like(hi), hi), persistent=False)
         if init == "mse":
             from dataclasses import replace
 
+            lo, hi = self._range(W)
             qw = replace(grid, mse=True).quantize_weight(W)
-            p = (qw.scales * grid.maxq / (self.xmax - self.xmin)).clamp(0.02, 0.998)
+            p = (qw.scales * grid.maxq / (hi - lo)).clamp(0.02, 0.998)
             start = torch.log(p) - torch.log1p(-p)
         else:
             start = torch.full((out, ng), float(init), device=W.device)
         self.gamma = torch.nn.Parameter(start.clone())
         self.beta = torch.nn.Parameter(start.clone())
 
-    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, zero)``, each ``(out, n_groups)`` float32: the scale fp16-exact (gradient
-        straight through the rounding), the zero point an integer code without gradient."""
+    def _range(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group ``(min(W_g, 0), max(W_g, 0))``, each ``(out, n_groups)`` (symmetric: ``∓max|W_g|``;
+        an all-zero group ``(−1, 1)``), differentiable in ``W`` (LET trains through it)."""
+        out, n = W.shape
+        pad = (-n) % self.gs
+        Wg = torch.nn.functional.pad(W, (0, pad)).view(out, -1, self.gs)  # zeros: inside every range
+        lo, hi = Wg.amin(-1).clamp_max(0), Wg.amax(-1).clamp_min(0)
+        if self.grid.sym:
+            hi = torch.maximum(hi, -lo)
+            lo = -hi
+        dead = (lo == 0) & (hi == 0)
+        return torch.where(dead, -torch.ones_like(lo), lo), torch.where(dead, torch.ones_like(hi), hi)
+
+    def params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` of ``W``, each ``(out, n_groups)`` float32: the scale fp16-exact
+        (gradient straight through the rounding), the zero point an integer code without gradient."""
         maxq = self.grid.maxq
-        hi = torch.sigmoid(self.gamma) * self.xmax
+        lo, hi = self._range(W)
+        hi = torch.sigmoid(self.gamma) * hi
         if self.grid.sym:
             s = fp16_ste((2 * hi / maxq).clamp(1e-5, 1e4))
             return s, torch.full_like(s, self.grid.zero_const)
-        lo = torch.sigmoid(self.beta) * self.xmin
+        lo = torch.sigmoid(self.beta) * lo
         s = fp16_ste(((hi - lo) / maxq).clamp(1e-5, 1e4))
         z = torch.round(-lo / s).clamp(0, maxq).detach()
         return s, z
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        s, z = self.params()
+        s, z = self.params(W)
         s, z = s[:, self.gidx], z[:, self.gidx]
         q = torch.clamp(round_ste(W / s) + z, 0, self.grid.maxq)
         return (q - z) * s
 
     @torch.no_grad()
     def quantized(self, W: torch.Tensor) -> Any:
-        s, z = self.params()
-        codes = torch.clamp(torch.round(W.float() / s[:, self.gidx]) + z[:, self.gidx], 0, self.grid.maxq)
+        W = W.detach().float()
+        s, z = self.params(W)
+        codes = torch.clamp(torch.round(W / s[:, self.gidx]) + z[:, self.gidx], 0, self.grid.maxq)
         return self.grid.build(codes.to(torch.uint8), s, z, method="omniquant")
 
 
@@ -131,17 +155,30 @@ def step_uniform_grid(step: Any, method: str) -> UniformGrid:
 
 
 def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict) -> tuple[dict, tuple[float, float, bool]]:
-    """Train LWC on every linear of ``block`` (options ``opts``, see :data:`OPTIONS`).
+    """Train LWC (and, with ``opts["let"]``, LET) on every linear of ``block`` (options ``opts``,
+    see :data:`OPTIONS`), with the recipe's activation quantizer on their inputs if it has one.
+
+    With LET the block's norms, q/k/v/o/gate/up weights (and q/k/v biases) are left transformed
+    (merged); the LWCs quantize the transformed weights.
 
     Returns ``({path: LWC}, (before, after, kept))``: the trained clipping per linear (at its
     initial value when not kept) and the held-back relative block error.
     """
     grid = step_uniform_grid(step, "omniquant")
     lwcs = {name: LWC(lin.weight, grid, init=opts["init"]) for name, lin in linears}
-    params = [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))]
-    with fake_quantized(block, lwcs):
-        result = reconstruct(block, data, [{"params": params, "lr": opts["lr"]}], epochs=opts["epochs"],
-                             batch=opts["batch"], held_out=opts["held_out"], aug_loss=opts["aug_loss"], seed=index)
+    groups = [{"params": [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))], "lr": opts["lr"]}]
+    let = None
+    if opts["let"]:
+        if data.adapter is None or data.dims is None:
+            raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
+        let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"])
+        groups.append({"params": let.params(), "lr": opts["let_lr"]})
+    quantizers = let.parametrizations(block, lwcs) if let is not None else lwcs
+    with quantized_inputs([lin for _, lin in linears], data.act), fake_quantized(block, quantizers):
+        result = reconstruct(block, data, groups, epochs=opts["epochs"], batch=opts["batch"], held_out=opts["held_out"],
+                             aug_loss=opts["aug_loss"], seed=index)
+    if let is not None:
+        let.merge(block)
     return lwcs, result
 
 
@@ -156,7 +193,10 @@ def _quantize_block(step: Any, block: torch.nn.Module, groups: list, data: Block
 
 def check_options(opts: dict) -> None:
     """Typed checks of the LWC options (``ValueRangeError`` naming the option)."""
-    check_recon_options(opts, ints=("epochs",), positive=("lr", "batch"), fractions=("held_out",), bools=("aug_loss",))
+    check_recon_options(opts, ints=("epochs",), positive=("lr", "batch", "let_lr"), fractions=("held_out",),
+                        bools=("aug_loss", "let", "let_qk"))
+    if isinstance(opts["alpha"], bool) or not isinstance(opts["alpha"], (int, float)) or not 0 <= opts["alpha"] <= 1:
+        raise ValueRangeError(f"options: alpha must be in [0, 1], got {opts['alpha']!r}")
     if opts["init"] != "mse" and (isinstance(opts["init"], bool) or not isinstance(opts["init"], (int, float))):
         raise ValueRangeError(f"options: init must be a number or 'mse', got {opts['init']!r}")
 

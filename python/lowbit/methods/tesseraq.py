@@ -41,7 +41,16 @@ import torch
 
 from ..errors import ValueRangeError
 from ..grids.uniform import UniformGrid
-from .blockrecon import BlockData, WeightParametrization, adam_steps, check_recon_options, fake_quantized, fp16_ste, reconstruct
+from .blockrecon import (
+    BlockData,
+    WeightParametrization,
+    adam_steps,
+    check_recon_options,
+    fake_quantized,
+    fp16_ste,
+    quantized_inputs,
+    reconstruct,
+)
 from .omniquant import OPTIONS as LWC_OPTIONS
 from .omniquant import step_uniform_grid, train_lwc
 
@@ -189,11 +198,11 @@ def _init_grid(step: Any, block: torch.nn.Module, groups: list, data: BlockData,
     grid = step_uniform_grid(step, "tesseraq")
     linears = [item for g in groups for item in g]
     if opts["init"] == "lwc":
-        lwc_opts = {**LWC_OPTIONS, "epochs": opts["lwc_epochs"], "lr": opts["lwc_lr"], "aug_loss": opts["aug_loss"],
+        lwc_opts = {**LWC_OPTIONS, "let": False, "epochs": opts["lwc_epochs"], "lr": opts["lwc_lr"], "aug_loss": opts["aug_loss"],
                     "batch": opts["batch"], "held_out": opts["held_out"]}
         lwcs, result = train_lwc(step, block, linears, data, index, lwc_opts)
         with torch.no_grad():
-            return grid, {n: (lin.weight, *(t.detach() for t in lwcs[n].params()), None) for n, lin in linears}, result
+            return grid, {n: (lin.weight, *(t.detach() for t in lwcs[n].params(lin.weight.detach().float())), None) for n, lin in linears}, result
     if opts["init"] == "gptq":
         from .gptq import gptq
         from .rtn import step_grid
@@ -260,7 +269,7 @@ def train_tesseraq(step: Any, block: torch.nn.Module, groups: list, data: BlockD
             r.harden(0.0)
 
     state = [t for r in roundings.values() for t in r.state()]
-    with fake_quantized(block, roundings):
+    with quantized_inputs([block.get_submodule(n) for n in roundings], data.act), fake_quantized(block, roundings):
         result = reconstruct(block, data, groups_, batch=opts["batch"], held_out=opts["held_out"], aug_loss=opts["aug_loss"],
                              seed=1000 + index, train=schedule, state=state)
     return roundings, result, lwc_result
