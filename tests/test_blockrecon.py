@@ -337,7 +337,7 @@ def test_split_batches_slices_the_kwargs():
 
 def test_methods_lower_the_block_error_of_a_tiny_model(tmp_path):
     calib = random_ids(8, 32, seed=1)
-    for method, opts in (("omniquant", {"epochs": 4, "lr": 0.05}), ("tesseraq", {"lwc_epochs": 1, "stage_steps": 4})):
+    for method, opts in (("omniquant", {"epochs": 4, "lr": 0.05}), ("tesseraq", {"init": "lwc", "lwc_epochs": 1, "stage_steps": 4})):
         model = lowbit.quantize(tiny_model("llama", seed=2), [WeightQuant(method, 2, 32, options=opts)], calib, progress=False)
         report = model.lowbit_report
         assert report.finetune and all(a <= b for b, a in report.finetune.values())

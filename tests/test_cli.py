@@ -214,3 +214,30 @@ def test_calib_data_calibrates_on_the_users_text(capsys, tmp_path, hf_folder):
                       "--calib-data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "o2"))
     assert rc == 2 and "fewer than one window of seqlen=32" in _one_line_error(err)
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--recipe", "w3-omniquant", "--option", "epochs"], "--option: expected NAME=VALUE"),
+    (["--recipe", "w3-omniquant", "--option", "epoch=2"], "options: the 'omniquant' weight method has no option(s) ['epoch']"),
+    (["--recipe", "w3-omniquant", "--option", "epochs=-1"], "options: epochs must be a non-negative int"),
+    (["--recipe", "kv2-akvq", "--option", "epochs=2"], "--option: recipe 'kv2-akvq' has no weight step"),
+])
+def test_method_options_are_checked_before_loading_the_model(capsys, tmp_path, no_model_loading, args, match):
+    rc, _, err = _run(capsys, "quantize", "--model", "bundled", "--out", str(tmp_path / "o"), *args)
+    assert rc == 2
+    assert match in _one_line_error(err)
+
+
+def test_method_options_merge_into_the_presets_own():
+    from lowbit.cli import _with_options
+    from lowbit.recipe import resolve
+
+    r = _with_options(resolve("w2-omniquant"), ["epochs=8", "init=mse"], "w2-omniquant")
+    assert r.weight.options == {"aug_loss": True, "epochs": 8, "init": "mse"} and r.name == "w2-omniquant"
+    r = _with_options(resolve("w2-tesseraq"), ["thresholds=[0.5, 0.1]"], "w2-tesseraq")
+    assert r.weight.options == {"thresholds": [0.5, 0.1]}
+
+
+def test_presets_list_the_method_options(capsys):
+    rc, out, _ = _run(capsys, "presets")
+    assert rc == 0 and "weight-method options" in out and "stage_steps=20" in out

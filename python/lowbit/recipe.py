@@ -672,7 +672,7 @@ PRESETS: dict[str, Recipe] = {
     ),
     # TesseraQ's rounding on QuaRot's rotated model, from GPTQ's codes, trained with the 4-bit activations on
     "w4a4kv4-quarot-tesseraq": Recipe(
-        (Rotate("quarot"), WeightQuant("tesseraq", 4, 64, options={"init": "gptq"}), ActQuant(4), KVQuant(4, "uniform")),
+        (Rotate("quarot"), WeightQuant("tesseraq", 4, 64), ActQuant(4), KVQuant(4, "uniform")),
         "w4a4kv4-quarot-tesseraq",
     ),
     # KV cache only, on an otherwise full-precision model

@@ -40,6 +40,7 @@ __all__ = [
     "WeightParametrization",
     "fake_quantized",
     "quantized_inputs",
+    "observe_inputs",
     "adam_steps",
     "kept_if_better",
     "reconstruct",
@@ -161,6 +162,20 @@ def fake_quantized(block: nn.Module, quantizers: dict[str, nn.Module]) -> Iterat
     finally:
         for mod, tensor in done:
             parametrize.remove_parametrizations(mod, tensor, leave_parametrized=False)
+
+
+@torch.no_grad()
+def observe_inputs(block: nn.Module, modules: Sequence[nn.Module], data: BlockData, sink: Callable[[int, torch.Tensor], None]) -> None:
+    """Run ``block`` (float32) on ``data``'s inputs and hand each input of ``modules[i]`` to
+    ``sink(i, x)`` (``x`` detached float32 ``(b, seqlen, in_features)``): the block's calibration
+    statistics (Hessians, activation ranges) come from here."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: sink(i, args[0].detach().float())) for i, m in enumerate(modules)]
+    try:
+        for x, kw in zip(data.inps, data.kwargs):
+            block(x.float(), **kw)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @contextlib.contextmanager

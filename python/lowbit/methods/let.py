@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .blockrecon import BlockData, fp16_ste
+from .blockrecon import BlockData, fp16_ste, observe_inputs
 
 __all__ = ["LET", "LETWeight"]
 
@@ -50,20 +50,12 @@ def _input_absmax(block: nn.Module, modules: list, data: BlockData) -> list[torc
     """Per-channel ``max |x|`` of each module's input over the block's calibration inputs."""
     out: list[Optional[torch.Tensor]] = [None] * len(modules)
 
-    def hook(i):
-        def fn(m, args):
-            x = args[0].detach().float().abs().flatten(0, -2).amax(0)
-            out[i] = x if out[i] is None else torch.maximum(out[i], x)
-        return fn
+    def sink(i: int, x: torch.Tensor) -> None:
+        m = x.abs().flatten(0, -2).amax(0)
+        out[i] = m if out[i] is None else torch.maximum(out[i], m)
 
-    hooks = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
-    try:
-        for x, kw in zip(data.inps, data.kwargs):
-            block(x.float(), **kw)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [t for t in out]  # type: ignore[misc]
+    observe_inputs(block, modules, data, sink)
+    return out  # type: ignore[return-value]
 
 
 def _smooth(act: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

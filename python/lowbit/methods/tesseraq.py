@@ -1,8 +1,9 @@
 """TesseraQ (Li & Panda, 2024): progressive adaptive rounding and dequantization-scale tuning,
 trained block by block on the block-reconstruction engine.
 
-Per linear, on the grid ``(s, z)`` of its initialisation (OmniQuant's trained LWC clip, or the
-step's round-to-nearest grid with its MSE clip search), with a rounding variable ``ν`` per weight
+Per linear, on the grid ``(s, z)`` of its initialisation (GPTQ's, the default; OmniQuant's
+trained LWC clip, as the paper's W2 runs; or the step's round-to-nearest grid with its MSE clip
+search), with a rounding variable ``ν`` per weight
 and a scale factor ``v`` per group:
 
     h(ν) = clamp(σ(ν)·(ζ − γ) + γ, 0, 1),  γ = −0.1, ζ = 1.1   (AdaRound's rectified sigmoid)
@@ -48,6 +49,7 @@ from .blockrecon import (
     check_recon_options,
     fake_quantized,
     fp16_ste,
+    observe_inputs,
     quantized_inputs,
     reconstruct,
 )
@@ -61,7 +63,7 @@ THRESHOLDS = [0.8, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01, 0.005]
 
 #: the method's options and their defaults (``WeightQuant(options={...})``)
 OPTIONS = {
-    "init": "lwc",  # "lwc": OmniQuant's clip trained first on the block; "gptq": GPTQ's grid and codes; "rtn": the step's grid (MSE clip)
+    "init": "gptq",  # "gptq": GPTQ's grid and codes (best measured: benches/results/*-blockrecon-w3); "lwc": OmniQuant's clip trained first on the block; "rtn": the step's grid (MSE clip)
     "lwc_epochs": 2,  # epochs of the LWC initialisation
     "lwc_lr": LWC_OPTIONS["lr"],
     "thresholds": THRESHOLDS,
@@ -234,14 +236,7 @@ def input_hessians(block: torch.nn.Module, groups: list, data: BlockData) -> lis
     from .hessian import HessianAccumulator
 
     accs = [HessianAccumulator(g[0][1].in_features) for g in groups]
-    hooks = [g[0][1].register_forward_hook(lambda m, inp, out, acc=acc: acc.add_batch(inp[0].detach().float()))
-             for g, acc in zip(groups, accs)]
-    try:
-        for x, kw in zip(data.inps, data.kwargs):
-            block(x.float(), **kw)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_inputs(block, [g[0][1] for g in groups], data, lambda i, x: accs[i].add_batch(x))
     return [acc.hessian for acc in accs]
 
 
