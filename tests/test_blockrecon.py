@@ -166,6 +166,65 @@ def test_merged_let_and_lwc_block_reproduces_the_trained_block():
     assert let_start.shape == (data.dims.hidden,)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_affine_transform_without_quantization_leaves_the_block_unchanged(arch):
+    from lowbit.methods.affinequant import AffineLET
+
+    block, linears, data = _block(arch)
+    want = _outputs(block, data)
+    let = AffineLET(block, data.adapter, data.dims, data, fp16_norms=False)
+    let.mask.fill_(1.0)  # the full matrices
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        let.A_vo.add_(0.02 * torch.randn(let.A_vo.shape, generator=g))
+        let.qk_a.uniform_(0.5, 2.0, generator=g)
+        let.qk_b.uniform_(-1.0, 1.0, generator=g)
+    assert let.dominant()
+    with fake_quantized(block, let.parametrizations(block, {})):
+        assert _rel(_outputs(block, data), want) <= 1e-4  # exact through RoPE and GQA
+    let.merge(block)
+    assert _rel(_outputs(block, data), want) <= 1e-4
+
+
+def test_affine_mask_widens_and_the_matrices_stay_dominant():
+    from lowbit.methods.affinequant import AffineLET, band_mask
+
+    block, linears, data = _block()
+    let = AffineLET(block, data.adapter, data.dims, data, sf=0.5)
+    assert torch.equal(let.mask, torch.eye(let.hd))  # epoch 0: diagonal only
+    with torch.no_grad():
+        let.A_vo.add_(torch.randn_like(let.A_vo))  # far from dominant once the band opens
+    bands = []
+    for step in range(12):  # 4 epochs of 3 steps
+        let.on_step(step, 3, 4)
+        bands.append(let.band)
+        assert let.dominant()
+    assert bands[0] == 1 and bands[-1] == let.hd and bands == sorted(bands)
+    assert let.projections > 0
+    assert torch.equal(band_mask(4, 2, 0.1), torch.tensor([[1, .1, 0, 0], [.1, 1, .1, 0], [0, .1, 1, .1], [0, 0, .1, 1]]))
+
+
+def test_affinequant_lowers_the_block_error_and_its_packed_block_is_the_trained_one():
+    from lowbit.methods.affinequant import OPTIONS as AFF_OPTIONS
+    from lowbit.methods.affinequant import _make
+
+    block, linears, data = _block("qwen2")
+    step = WeightQuant("affinequant", 3, 32)
+    seen = []
+
+    def make(*a):
+        t = _make(*a)
+        seen.append(t)
+        return t
+
+    lwcs, (before, after, kept) = train_lwc(step, block, linears, data, 0, {**AFF_OPTIONS, "epochs": 3}, make_transform=make)
+    assert after <= before and seen[0].band == seen[0].hd and seen[0].dominant()
+    with fake_quantized(block, lwcs):
+        fake = _outputs(block, data)
+    _swap_packed(block, linears, lwcs)
+    assert _rel(_outputs(block, data), fake) <= 1e-5
+
+
 def test_fake_quantized_restores_the_weights_even_on_error():
     block, linears, _ = _block()
     name, lin = linears[0]
@@ -362,6 +421,10 @@ def test_options_are_checked_by_name_and_value():
         WeightQuant("gptq", 3, 64, options={"epochs": 2})
     with pytest.raises(UnsupportedSizeError, match="kind: the 'omniquant' method trains uniform grids only"):
         WeightQuant("omniquant", 2, 64, kind="ternary")
+    with pytest.raises(ValueRangeError, match="options: let is what AffineQuant is"):
+        WeightQuant("affinequant", 3, 64, options={"let": False})
+    with pytest.raises(ValueRangeError, match="options: sf"):
+        WeightQuant("affinequant", 3, 64, options={"sf": 2.0})
     with pytest.raises(ValueRangeError, match="options: must be a dict"):
         WeightQuant("tesseraq", 3, 64, options=[("lr", 1)])
 

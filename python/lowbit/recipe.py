@@ -653,6 +653,8 @@ PRESETS: dict[str, Recipe] = {
     "w2-omniquant": Recipe((WeightQuant("omniquant", 2, 32, options={"aug_loss": True}),), "w2-omniquant"),
     "w3-tesseraq": Recipe((WeightQuant("tesseraq", 3, 64),), "w3-tesseraq"),
     "w2-tesseraq": Recipe((WeightQuant("tesseraq", 2, 32),), "w2-tesseraq"),
+    # AffineQuant: LWC + the equivalent transformation with v→o matrices (norm side diagonal: it merges)
+    "w3-affinequant": Recipe((WeightQuant("affinequant", 3, 64),), "w3-affinequant"),
     # vector quantization: QuIP# (E8P lattice, incoherence, BlockLDLQ) and RSAVQ (Fisher-guided)
     "w2-quip": Recipe((VectorQuant("quip", 2),), "w2-quip"),
     "w3-quip": Recipe((VectorQuant("quip", 3),), "w3-quip"),
@@ -669,6 +671,10 @@ PRESETS: dict[str, Recipe] = {
     # OmniQuant's W4A4 setting: LWC + LET trained with the 4-bit activations on (let_lr 1e-3, alpha 0.75)
     "w4a4kv4-omniquant": Recipe(
         (WeightQuant("omniquant", 4, 64, options={"let": True, "let_lr": 1e-3}), ActQuant(4), KVQuant(4, "uniform")), "w4a4kv4-omniquant"
+    ),
+    "w4a4kv4-affinequant": Recipe(
+        (WeightQuant("affinequant", 4, 64, options={"alpha": 0.75, "sf": 0.1, "let_lr": 1e-3}), ActQuant(4), KVQuant(4, "uniform")),
+        "w4a4kv4-affinequant",
     ),
     # TesseraQ's rounding on QuaRot's rotated model, from GPTQ's codes, trained with the 4-bit activations on
     "w4a4kv4-quarot-tesseraq": Recipe(

@@ -230,7 +230,7 @@ def adam_steps(
             loss.backward()
             opt.step()
             if after_step is not None:
-                after_step(i, float(loss))
+                after_step(i, float(loss.detach()))
     return True
 
 
@@ -344,6 +344,7 @@ def reconstruct(
     seed: int = 0,
     train: Optional[Callable[[Reconstruction], Any]] = None,
     state: Optional[Sequence[torch.Tensor]] = None,
+    after_step: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[float, float, bool]:
     """Train the parameters of ``groups`` so that ``block`` on the quantized chain's inputs
     reproduces the full-precision targets; keep them only if the held-back loss went down.
@@ -359,6 +360,8 @@ def reconstruct(
             stages, each a fresh optimizer); it calls :func:`adam_steps` with ``recon.step_loss``.
         state: every tensor the training changes, restored when the result is not kept (default:
             the parameters of ``groups``; a schedule that also changes buffers lists them too).
+        after_step: called as ``after_step(step, epoch_steps)`` after each Adam step (a mask
+            schedule, a projection back into a feasible set).
 
     Returns:
         ``(before, after, kept)``: the held-back relative error before and after training.
@@ -372,7 +375,8 @@ def reconstruct(
         for p in params:
             p.requires_grad_(True)
         steps = int(round(epochs * recon.epoch_steps))
-        run = (lambda: train(recon)) if train is not None else (lambda: adam_steps(groups, recon.step_loss, steps))
+        hook = None if after_step is None else (lambda i, _loss: after_step(i, recon.epoch_steps))
+        run = (lambda: train(recon)) if train is not None else (lambda: adam_steps(groups, recon.step_loss, steps, after_step=hook))
         return kept_if_better(params if state is None else state, recon.evaluate, run)
     finally:
         for p in params:

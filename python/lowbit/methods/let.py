@@ -122,35 +122,43 @@ class LET(nn.Module):
         rep = self.n_heads // self.n_kv
         return self._qk_kv().view(self.n_kv, 1, self.hd).expand(self.n_kv, rep, self.hd).reshape(-1)
 
+    # -- the attention-side edges (AffineQuant generalises these) -----------------------------------
+    def v_rows(self, W: torch.Tensor) -> torch.Tensor:
+        """v's output rows (weight ``(n_kv·hd, in)`` or bias ``(n_kv·hd,)``) ÷ ``s_vo``."""
+        return W / self._vo_kv().view(-1, *([1] * (W.dim() - 1)))
+
+    def o_cols(self, W: torch.Tensor) -> torch.Tensor:
+        """o's input columns ``(out, n_heads·hd)`` × ``s_vo`` of each query head's KV head."""
+        return W * self._vo_q().unsqueeze(0)
+
+    def q_rows(self, W: torch.Tensor) -> torch.Tensor:
+        """q's output rows ÷ ``s_qk`` (of each query head's KV head)."""
+        return W if self.s_qk is None else W / self._qk_q().view(-1, *([1] * (W.dim() - 1)))
+
+    def k_rows(self, W: torch.Tensor) -> torch.Tensor:
+        """k's output rows × ``s_qk``."""
+        return W if self.s_qk is None else W * self._qk_kv().view(-1, *([1] * (W.dim() - 1)))
+
     def transform(self, role: str, W: torch.Tensor, tensor: str = "weight") -> torch.Tensor:
         """The transformed ``tensor`` (``"weight"`` or ``"bias"``) of the module in ``role``
         (``"attn_norm"``, ``"mlp_norm"``, ``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``)."""
         if role in ("attn_norm", "mlp_norm"):
             w = W / self._clamped(self.s_attn if role == "attn_norm" else self.s_mlp)
             return fp16_ste(w) if self.fp16_norms else w
-        rows: Optional[torch.Tensor] = None
-        cols: Optional[torch.Tensor] = None
         if role in ("q", "k", "v"):
-            cols = self._clamped(self.s_attn)
-            if role == "v":
-                rows = 1 / self._vo_kv()
-            elif self.s_qk is not None:
-                rows = 1 / self._qk_q() if role == "q" else self._qk_kv()
-        elif role == "o":
-            cols = self._vo_q()
-        elif role in ("gate", "up"):
-            cols = self._clamped(self.s_mlp)
-        if tensor == "bias":
-            return W if rows is None else W * rows
-        if rows is not None:
-            W = W * rows.unsqueeze(1)
-        if cols is not None:
-            W = W * cols.unsqueeze(0)
-        return W
+            W = {"q": self.q_rows, "k": self.k_rows, "v": self.v_rows}[role](W)
+            return W if tensor == "bias" else W * self._clamped(self.s_attn).unsqueeze(0)
+        if role == "o":
+            return self.o_cols(W)
+        return W * self._clamped(self.s_mlp).unsqueeze(0)  # gate, up
+
+    def on_step(self, step: int, epoch_steps: int, epochs: float) -> None:
+        """Called after every training step (AffineQuant widens its masks here)."""
 
     def params(self) -> list[nn.Parameter]:
         """The learned scales."""
         return [p for p in (self.s_attn, self.s_mlp, self.s_vo, self.s_qk) if p is not None]
+
 
     def _targets(self, block: nn.Module) -> list[tuple[str, str, str]]:
         """``[(fake_quantized key, role, tensor)]`` of every tensor the transformation changes."""

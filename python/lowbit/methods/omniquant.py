@@ -33,7 +33,7 @@ training: OmniQuant's W4A4 setting.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -154,7 +154,8 @@ def step_uniform_grid(step: Any, method: str) -> UniformGrid:
     return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym)
 
 
-def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict) -> tuple[dict, tuple[float, float, bool]]:
+def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict,
+              make_transform: Optional[Callable[..., LET]] = None) -> tuple[dict, tuple[float, float, bool]]:
     """Train LWC (and, with ``opts["let"]``, LET) on every linear of ``block`` (options ``opts``,
     see :data:`OPTIONS`), with the recipe's activation quantizer on their inputs if it has one.
 
@@ -162,21 +163,26 @@ def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData,
     (merged); the LWCs quantize the transformed weights.
 
     Returns ``({path: LWC}, (before, after, kept))``: the trained clipping per linear (at its
-    initial value when not kept) and the held-back relative block error.
+    initial value when not kept) and the held-back relative block error. ``make_transform(block,
+    adapter, dims, data, opts)`` builds the transformation instead of :class:`LET` (AffineQuant's).
     """
     grid = step_uniform_grid(step, "omniquant")
     lwcs = {name: LWC(lin.weight, grid, init=opts["init"]) for name, lin in linears}
     groups = [{"params": [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))], "lr": opts["lr"]}]
     let = None
-    if opts["let"]:
+    if opts["let"] or make_transform is not None:
         if data.adapter is None or data.dims is None:
             raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
-        let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"])
+        if make_transform is None:
+            let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"])
+        else:
+            let = make_transform(block, data.adapter, data.dims, data, opts)
         groups.append({"params": let.params(), "lr": opts["let_lr"]})
     quantizers = let.parametrizations(block, lwcs) if let is not None else lwcs
+    after = None if let is None else (lambda i, per_epoch: let.on_step(i, per_epoch, opts["epochs"]))
     with quantized_inputs([lin for _, lin in linears], data.act), fake_quantized(block, quantizers):
         result = reconstruct(block, data, groups, epochs=opts["epochs"], batch=opts["batch"], held_out=opts["held_out"],
-                             aug_loss=opts["aug_loss"], seed=index)
+                             aug_loss=opts["aug_loss"], seed=index, after_step=after)
     if let is not None:
         let.merge(block)
     return lwcs, result
