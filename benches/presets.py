@@ -162,6 +162,23 @@ def main() -> int:
         ratio = {sp: ppl[sp] / fp[sp] for sp in splits}
         return {"preset": name, "ppl": ppl, "ratio": ratio, "bits": wbits, "act": act, "kv": kv, "seconds": secs}
 
+    def table() -> str:
+        source = args.calib_data or ("parts " + args.calib_parts if args.calib_parts else "the built-in mix")
+        head = (f"SmolLM2-135M-Instruct, first {args.eval_tokens} tokens of each evaluation split (in-domain: tragedies; "
+                f"out-of-domain: news), seqlen {args.seqlen}, {args.calib_samples}×{args.seqlen} calibration tokens from "
+                f"{source}, {args.threads} threads")
+        md = [head, "", "| preset | ppl in-domain | × FP | ppl out-of-domain | × FP | bits/weight (linears, incl. scales) "
+              "| activations | KV cache per token | quantization time |" + (" peak RSS |" if args.rss else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.rss else "")]
+        md += [f"| {r['preset']} | {r['ppl']['in-domain']:.2f} | {r['ratio']['in-domain']:.3f} | {r['ppl']['out-of-domain']:.2f} "
+               f"| {r['ratio']['out-of-domain']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |"
+               + (f" {r['peak_rss_gib']:.2f} GiB |" if "peak_rss_gib" in r else (" - |" if args.rss else "")) for r in rows]
+        return "\n".join(md)
+
+    def write() -> None:  # after every preset, so that a long run stopped early keeps what it measured
+        if not args.no_write:
+            write_results(f"presets{'-' + args.tag if args.tag else ''}", {"settings": vars(args), "rows": rows}, table())
+
     for name in args.presets.split(","):
         measure = args.rss and _reset_peak_rss()
         row = run(name)
@@ -172,21 +189,10 @@ def main() -> int:
         print(f"{name:18s} in-domain ppl {row['ppl']['in-domain']:9.2f} ×FP {row['ratio']['in-domain']:7.3f}  "
               f"out-of-domain ppl {row['ppl']['out-of-domain']:9.2f} ×FP {row['ratio']['out-of-domain']:7.3f}  "
               f"bits/w {row['bits']:.3f}  {row['act']}  KV {row['kv']}  {row['seconds']:6.1f} s{rss}", flush=True)
+        write()
 
-    source = args.calib_data or ("parts " + args.calib_parts if args.calib_parts else "the built-in mix")
-    head = (f"SmolLM2-135M-Instruct, first {args.eval_tokens} tokens of each evaluation split (in-domain: tragedies; "
-            f"out-of-domain: news), seqlen {args.seqlen}, {args.calib_samples}×{args.seqlen} calibration tokens from "
-            f"{source}, {args.threads} threads")
-    md = [head, "", "| preset | ppl in-domain | × FP | ppl out-of-domain | × FP | bits/weight (linears, incl. scales) "
-          "| activations | KV cache per token | quantization time |" + (" peak RSS |" if args.rss else ""),
-          "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.rss else "")]
-    md += [f"| {r['preset']} | {r['ppl']['in-domain']:.2f} | {r['ratio']['in-domain']:.3f} | {r['ppl']['out-of-domain']:.2f} "
-           f"| {r['ratio']['out-of-domain']:.3f} | {r['bits']:.3f} | {r['act']} | {r['kv']} | {r['seconds']:.1f} s |"
-           + (f" {r['peak_rss_gib']:.2f} GiB |" if "peak_rss_gib" in r else (" - |" if args.rss else "")) for r in rows]
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        write_results(f"presets{'-' + args.tag if args.tag else ''}", {"settings": vars(args), "rows": rows}, text)
+    print(table())
+    write()
     return 0
 
 

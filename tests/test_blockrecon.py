@@ -225,6 +225,51 @@ def test_affinequant_lowers_the_block_error_and_its_packed_block_is_the_trained_
     assert _rel(_outputs(block, data), fake) <= 1e-5
 
 
+def test_svd_increment_at_zero_is_lwc_and_its_band():
+    from lowbit.methods.cqe import SVDIncrement
+
+    W = _weight()
+    lwc = LWC(W, UniformGrid(bits=3, group_size=32))
+    inc = SVDIncrement(W, 2, lwc)
+    torch.testing.assert_close(inc.U @ torch.diag(torch.linalg.svdvals(W.double()).float()) @ inc.Vh, W, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(inc(W), lwc(W))  # D = 0: exactly LWC
+        inc.d.normal_()
+    D = inc.D()
+    band = (torch.arange(D.shape[0])[:, None] - torch.arange(D.shape[0])[None, :]).abs() < 2
+    assert bool((D[~band] == 0).all()) and bool((D[band] != 0).all())
+
+
+def test_cqe_looks_ahead_and_its_packed_block_is_the_trained_one():
+    from lowbit.driver import _capture
+    from lowbit.methods.cqe import OPTIONS as CQE_OPTIONS
+    from lowbit.methods.cqe import train_cqe
+
+    model = tiny_model("llama", seed=2)
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    block, nxt = layers[0], layers[1]
+    ids = random_ids(6, 16, seed=1)
+    inps, kwargs = _capture(model, block, [(ids[i : i + 2], {"use_cache": False}) for i in range(0, 6, 2)])
+    outs = [_outputs(block, BlockData([x], [kw], [], [])) for x, kw in zip(inps, kwargs)]
+    data = BlockData(inps, kwargs, outs, outs, adapter=adapter, dims=adapter.dims(model), following=[nxt])
+    nxt_w = nxt.mlp.down_proj.weight.detach().clone()
+    flag = nxt.mlp.down_proj.weight.requires_grad
+    linears = [item for g in adapter.linear_groups(block) for item in g]
+    lwcs, (before, after, kept) = train_cqe(WeightQuant("cqe", 3, 32), block, linears, data, 0, {**CQE_OPTIONS, "lookahead": 1})
+    assert after <= before
+    assert torch.equal(nxt.mlp.down_proj.weight, nxt_w) and nxt.mlp.down_proj.weight.requires_grad == flag
+    assert nxt.mlp.down_proj.weight.grad is None  # the block ahead is read, never trained
+    with fake_quantized(block, lwcs):
+        fake = _outputs(block, data)
+    _swap_packed(block, linears, lwcs)
+    assert _rel(_outputs(block, data), fake) <= 1e-5
+    from lowbit.methods.blockrecon import Reconstruction
+
+    # the look-ahead term: the quantized block's error after the next block, added to its own
+    assert Reconstruction(block, data, ahead=1).evaluate() > Reconstruction(block, data).evaluate() > 0
+
+
 def test_fake_quantized_restores_the_weights_even_on_error():
     block, linears, _ = _block()
     name, lin = linears[0]

@@ -28,6 +28,7 @@ _FAST = {
     "rsavq": dict(bits=2.0, fisher_samples=2, kmeans_iters=2),
     "omniquant": dict(options={"epochs": 1, "let": True}),
     "affinequant": dict(options={"epochs": 2}),
+    "cqe": dict(options={"epochs": 1, "lookahead": 1}),
     "tesseraq": dict(options={"lwc_epochs": 1, "stage_steps": 2, "thresholds": [0.5]}),
 }
 WEIGHTS = {

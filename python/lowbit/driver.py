@@ -425,7 +425,8 @@ def _reconstruct_blocks(model, adapter, layers, method, step, inps, kwargs, repo
         del runner
         groups = adapter.linear_groups(layer)
         linears = [item for g in groups for item in g]
-        data = BlockData(inps, kwargs, targets, fp_outs, autocast=calib_dtype, adapter=adapter, dims=dims, act=act)
+        data = BlockData(inps, kwargs, targets, fp_outs, autocast=calib_dtype, adapter=adapter, dims=dims, act=act,
+                         following=layers[li + 1 :])
         t1 = time.perf_counter()
         qweights, result = method.quantize_block(step, layer, groups, data, li)
         per = (time.perf_counter() - t1) / max(1, len(linears))

@@ -655,6 +655,8 @@ PRESETS: dict[str, Recipe] = {
     "w2-tesseraq": Recipe((WeightQuant("tesseraq", 2, 32),), "w2-tesseraq"),
     # AffineQuant: LWC + the equivalent transformation with v→o matrices (norm side diagonal: it merges)
     "w3-affinequant": Recipe((WeightQuant("affinequant", 3, 64),), "w3-affinequant"),
+    # LSI/CQE+: learned singular-value increments (a band of 3) with LWC, the loss two blocks ahead
+    "w3-cqe": Recipe((WeightQuant("cqe", 3, 64),), "w3-cqe"),
     # vector quantization: QuIP# (E8P lattice, incoherence, BlockLDLQ) and RSAVQ (Fisher-guided)
     "w2-quip": Recipe((VectorQuant("quip", 2),), "w2-quip"),
     "w3-quip": Recipe((VectorQuant("quip", 3),), "w3-quip"),

@@ -66,6 +66,8 @@ class BlockData:
         dims: the model's :class:`~lowbit.models.adapters.Dims` (head counts and widths).
         act: the recipe's activation quantizer (:meth:`lowbit.recipe.ActQuant.quantizer_config`),
             or ``None``: a method trains with it on every linear's input.
+        following: the decoder blocks after this one, still full precision (read only), for a
+            loss that looks ahead (CQE+'s cross-layer learning).
     """
 
     inps: Sequence[torch.Tensor]
@@ -76,6 +78,7 @@ class BlockData:
     adapter: Any = None
     dims: Any = None
     act: Optional[dict] = None
+    following: Sequence[nn.Module] = ()
 
     @property
     def n_sequences(self) -> int:
@@ -285,12 +288,21 @@ class Reconstruction:
         aug_loss: add the relative error against ``fp_outs`` (the full-precision block on the
             quantized chain) to the one against ``targets``.
         seed: the draw of the training micro-batches.
+        ahead: also add the relative error after the next ``ahead`` full-precision blocks
+            (``data.following``), against the full-precision chain through them.
     """
 
     def __init__(self, block: nn.Module, data: BlockData, *, batch: int = 1, held_out: float = 0.125,
-                 aug_loss: bool = False, seed: int = 0) -> None:
+                 aug_loss: bool = False, seed: int = 0, ahead: int = 0) -> None:
         self.block, self.data, self.aug = block, data, bool(aug_loss)
-        micro = split_batches(data.inps, data.kwargs, data.targets, data.fp_outs, batch=1)
+        self.ahead = list(data.following[:ahead])
+        ahead_targets = []
+        with torch.no_grad():
+            t = list(data.targets)
+            for nxt in self.ahead:
+                t = [self._run(nxt, x.float(), kw).detach() for x, kw in zip(t, data.kwargs)]
+                ahead_targets.append(t)
+        micro = split_batches(data.inps, data.kwargs, data.targets, data.fp_outs, *ahead_targets, batch=1)
         n_held = min(len(micro), max(1, int(round(held_out * len(micro)))))
         self.held = micro[:n_held]
         train = micro[n_held:] or micro
@@ -311,13 +323,19 @@ class Reconstruction:
         """Training steps in one pass over the training micro-batches."""
         return len(self.train)
 
-    def loss(self, item: tuple) -> torch.Tensor:
-        x, kw, t, t_aug = item
+    def _run(self, module: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
         with torch.autocast("cpu", dtype=self.data.autocast or torch.bfloat16, enabled=self.data.autocast is not None and x.device.type == "cpu"):
-            y = _first(self.block(x, **kw))
+            return _first(module(x, **kw))
+
+    def loss(self, item: tuple) -> torch.Tensor:
+        x, kw, t, t_aug, *t_ahead = item
+        y = self._run(self.block, x, kw)
         loss = rel_loss(y, t)
         if self.aug:
             loss = loss + rel_loss(y, t_aug)
+        for nxt, tj in zip(self.ahead, t_ahead):
+            y = self._run(nxt, y.float(), kw)
+            loss = loss + rel_loss(y, tj)
         return loss
 
     def step_loss(self, _: int) -> torch.Tensor:
@@ -345,6 +363,7 @@ def reconstruct(
     train: Optional[Callable[[Reconstruction], Any]] = None,
     state: Optional[Sequence[torch.Tensor]] = None,
     after_step: Optional[Callable[[int, int], None]] = None,
+    ahead: int = 0,
 ) -> tuple[float, float, bool]:
     """Train the parameters of ``groups`` so that ``block`` on the quantized chain's inputs
     reproduces the full-precision targets; keep them only if the held-back loss went down.
@@ -362,15 +381,17 @@ def reconstruct(
             the parameters of ``groups``; a schedule that also changes buffers lists them too).
         after_step: called as ``after_step(step, epoch_steps)`` after each Adam step (a mask
             schedule, a projection back into a feasible set).
+        ahead: as :class:`Reconstruction` (the following blocks stay frozen).
 
     Returns:
         ``(before, after, kept)``: the held-back relative error before and after training.
     """
     params = [p for g in groups for p in g["params"]]
-    flags = {id(p): p.requires_grad for p in block.parameters()}
-    recon = Reconstruction(block, data, batch=batch, held_out=held_out, aug_loss=aug_loss, seed=seed)
+    frozen = [p for m in (block, *data.following[:ahead]) for p in m.parameters()]
+    flags = {id(p): p.requires_grad for p in frozen}
+    recon = Reconstruction(block, data, batch=batch, held_out=held_out, aug_loss=aug_loss, seed=seed, ahead=ahead)
     try:
-        for p in block.parameters():
+        for p in frozen:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
@@ -382,6 +403,6 @@ def reconstruct(
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        for p in block.parameters():
+        for p in frozen:
             p.requires_grad_(flags.get(id(p), False))
             p.grad = None

@@ -106,7 +106,7 @@ class WeightMethod:
 
 
 def _load_builtin() -> None:
-    from . import affinequant, gptq, ldlq, omniquant, quip, rsavq, rtn, tesseraq  # noqa: F401  (each registers itself)
+    from . import affinequant, cqe, gptq, ldlq, omniquant, quip, rsavq, rtn, tesseraq  # noqa: F401  (each registers itself)
 
 
 _REGISTRY: Registry[WeightMethod] = Registry("weight method", _load_builtin)
