@@ -149,6 +149,42 @@ def test_let_without_quantization_leaves_the_block_unchanged(arch):
     assert _rel(_outputs(block, data), want) <= 1e-4
 
 
+def test_let_identity_init_starts_as_the_clipping_alone():
+    block, linears, data = _block()
+    want = _outputs(block, data)
+    let = LET(block, data.adapter, data.dims, data, init="identity", fp16_norms=False)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in let.params())
+    smooth = LET(block, data.adapter, data.dims, data, alpha=0.5)
+    assert not torch.equal(smooth.s_attn, torch.ones_like(smooth.s_attn))  # SmoothQuant's start is not 1
+    plain = {name: lin.weight.detach().clone() for name, lin in linears}
+    with fake_quantized(block, let.parametrizations(block, {})):
+        for name, lin in linears:
+            assert torch.equal(lin.weight, plain[name]), name
+        assert _rel(_outputs(block, data), want) <= 1e-6
+    with pytest.raises(ValueRangeError, match="init: must be one of"):
+        LET(block, data.adapter, data.dims, data, init="awq")
+
+
+def test_let_keeps_negative_norm_weights():
+    # SmolLM2's norms have negative weights; the fp16 rounding of the transformed norms once
+    # clamped them to +2^-24 like a scale (block 0's error 0.04 → 0.33 at the start)
+    block, linears, data = _block()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for norm in (data.adapter.attn_norm(block), data.adapter.mlp_norm(block)):
+            norm.weight.copy_((torch.randn(norm.weight.shape, generator=g) * 0.3).half().float())
+            assert bool((norm.weight < 0).any())
+    want = _outputs(block, data)
+    let = LET(block, data.adapter, data.dims, data, init="identity")  # fp16 norms, as trained
+    with fake_quantized(block, let.parametrizations(block, {})):
+        assert _rel(_outputs(block, data), want) <= 1e-6
+    smooth = LET(block, data.adapter, data.dims, data, alpha=0.5)
+    signs = torch.sign(data.adapter.attn_norm(block).weight.detach().clone())
+    smooth.merge(block)
+    assert torch.equal(torch.sign(data.adapter.attn_norm(block).weight), signs)
+    assert _rel(_outputs(block, data), want) <= 1e-3  # up to the norms' fp16 rounding
+
+
 def test_merged_let_and_lwc_block_reproduces_the_trained_block():
     block, linears, data = _block("qwen2")  # q/k/v biases: scaled with their rows
     step = WeightQuant("omniquant", 4, 32)
@@ -362,7 +398,9 @@ def test_merged_tesseraq_block_reproduces_the_trained_block(init):
 
     opts = {**weight_method("tesseraq").options, "init": init, "lwc_epochs": 1, "stage_steps": 12, "thresholds": [0.5, 0.2, 0.05]}
     roundings, (before, after, kept), _ = train_tesseraq(step, block, groups, data, 0, opts)
-    assert after <= before and (kept or init != "lwc")  # the tiny random block: not always better than RTN's or GPTQ's
+    # on the tiny random block only GPTQ's start leaves room to learn (RTN's and LWC's MSE clips
+    # are already its held-back optimum), so that case pins that a trained rounding merges
+    assert after <= before and (kept or init != "gptq")
     assert all(bool(r.hard.all()) for r in roundings.values())
     with fake_quantized(block, roundings):
         fake = _outputs(block, data)
@@ -441,7 +479,7 @@ def test_split_batches_slices_the_kwargs():
 
 def test_methods_lower_the_block_error_of_a_tiny_model(tmp_path):
     calib = random_ids(8, 32, seed=1)
-    for method, opts in (("omniquant", {"epochs": 4, "lr": 0.05}), ("tesseraq", {"init": "lwc", "lwc_epochs": 1, "stage_steps": 4})):
+    for method, opts in (("omniquant", {"epochs": 4, "lr": 0.01}), ("tesseraq", {"init": "gptq", "stage_steps": 4})):
         model = lowbit.quantize(tiny_model("llama", seed=2), [WeightQuant(method, 2, 32, options=opts)], calib, progress=False)
         report = model.lowbit_report
         assert report.finetune and all(a <= b for b, a in report.finetune.values())
@@ -468,6 +506,10 @@ def test_options_are_checked_by_name_and_value():
         WeightQuant("omniquant", 2, 64, kind="ternary")
     with pytest.raises(ValueRangeError, match="options: let is what AffineQuant is"):
         WeightQuant("affinequant", 3, 64, options={"let": False})
+    with pytest.raises(ValueRangeError, match="options: let_init must be one of"):
+        WeightQuant("affinequant", 3, 64, options={"let_init": "ones"})
+    with pytest.raises(ValueRangeError, match=r"options: the 'cqe' weight method has no option\(s\) \['let_init'\]"):
+        WeightQuant("cqe", 3, 64, options={"let_init": "identity"})
     with pytest.raises(ValueRangeError, match="options: sf"):
         WeightQuant("affinequant", 3, 64, options={"sf": 2.0})
     with pytest.raises(ValueRangeError, match="options: must be a dict"):

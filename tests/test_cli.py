@@ -241,3 +241,23 @@ def test_method_options_merge_into_the_presets_own():
 def test_presets_list_the_method_options(capsys):
     rc, out, _ = _run(capsys, "presets")
     assert rc == 0 and "weight-method options" in out and "stage_steps=20" in out
+
+
+def test_block_trained_recipes_default_to_fewer_calibration_sequences(capsys, tmp_path, hf_folder):
+    from lowbit.methods.blockrecon import CALIB_SAMPLES
+    from lowbit.recipe import DEFAULT_CALIB_SAMPLES, PRESETS
+
+    assert PRESETS["w3-gptq"].calib_samples == DEFAULT_CALIB_SAMPLES == 128
+    for name in ("w3-omniquant", "w2-tesseraq", "w3-affinequant", "w3-cqe", "w4a4kv4-quarot-tesseraq"):
+        assert PRESETS[name].calib_samples == CALIB_SAMPLES == 32, name
+    rc, out, _ = _run(capsys, "presets")
+    assert rc == 0 and "32 seqs" in out and "128 seqs" in out
+    text = tmp_path / "mine.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the sun. " * 400)
+    for extra, n in (((), 32), (("--calib-samples", "5"), 5)):
+        out_dir = tmp_path / f"o{n}"
+        rc, printed, err = _run(capsys, "quantize", "--model", str(hf_folder), "--recipe", "w3-omniquant", "--option", "epochs=0",
+                                "--no-eval", "--seqlen", "16", "--calib-data", str(text), *extra, "--out", str(out_dir), "--quiet")
+        assert rc == 0, err
+        assert f"{n}×16 tokens" in printed
+        assert json.loads((out_dir / "lowbit_report.json").read_text())["calib_samples"] == n

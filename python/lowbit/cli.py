@@ -171,6 +171,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     if args.option:
         recipe = _with_options(recipe, args.option, args.recipe)
+    if args.calib_samples is None:  # the recipe's own pace: block-trained methods take fewer
+        args.calib_samples = recipe.calib_samples
     _threads(args.threads)
     # the user's calibration text is read (and refused) before the model is loaded
     calib_docs = data.user.read_documents(args.calib_data) if args.calib_data is not None and recipe.needs_calibration else None
@@ -400,7 +402,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     from .methods.registry import weight_methods
 
-    print(_table([["preset", "steps"]] + [[k, r.describe()] for k, r in PRESETS.items()]))
+    print(_table([["preset", "steps", "calibration"]]
+                 + [[k, r.describe(), f"{r.calib_samples} seqs" if r.needs_calibration else "none"] for k, r in PRESETS.items()]))
     rows = [[name, ", ".join(f"{k}={json.dumps(v)}" for k, v in m.options.items())] for name, m in weight_methods().items() if m.options]
     if rows:
         print("\nweight-method options (quantize --option NAME=VALUE):")
@@ -457,7 +460,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=weight_method_names("grid"), help="override the weight method")
     q.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="a weight method's own option, e.g. --option epochs=8 for omniquant (repeatable; see `lowbit presets`)")
-    q.add_argument("--calib-samples", type=_positive_int, default=128)
+    q.add_argument("--calib-samples", type=_positive_int, default=None,
+                   help="calibration sequences (default: the recipe's, shown by `lowbit presets`: 128, or fewer for "
+                        "block-trained methods, whose time grows with it)")
     q.add_argument("--calib-data", type=Path, metavar="PATH",
                    help="calibrate on your own text: a text file, a folder of text files, or JSONL with a 'text' field "
                         "(default: the built-in multi-domain mix)")

@@ -622,6 +622,17 @@ class Recipe:
         """Whether :func:`lowbit.quantize` needs calibration token ids for this recipe."""
         return any(getattr(s, "needs_hessian", False) or getattr(s, "needs_calibration", False) for s in self.steps)
 
+    @property
+    def calib_samples(self) -> int:
+        """The calibration sequences this recipe's default run takes: the fewest any of its weight
+        methods asks for (block-trained methods pace their run by it), else
+        :data:`DEFAULT_CALIB_SAMPLES`. The CLI's ``--calib-samples`` overrides it."""
+        from .methods.registry import weight_method
+
+        asked = [weight_method(s.method).calib_samples for s in self.steps if isinstance(s, (WeightQuant, VectorQuant))]
+        asked = [n for n in asked if n is not None]
+        return min(asked) if asked else DEFAULT_CALIB_SAMPLES
+
     def to_list(self) -> list[dict]:
         return [s.to_dict() for s in self.steps]
 
@@ -632,6 +643,9 @@ class Recipe:
     def describe(self) -> str:
         return " → ".join(s.describe() for s in self.steps)
 
+
+#: calibration sequences of a recipe whose methods ask for no other number (``Recipe.calib_samples``)
+DEFAULT_CALIB_SAMPLES = 128
 
 PRESETS: dict[str, Recipe] = {
     "w8-rtn": Recipe((WeightQuant("rtn", 8, None, sym=True, mse=False),), "w8-rtn"),

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ValueRangeError
-from .blockrecon import BlockData
+from .blockrecon import CALIB_SAMPLES, BlockData
 from .let import LET
 from .omniquant import OPTIONS as LWC_OPTIONS
 from .omniquant import check_options as check_lwc_options
@@ -56,8 +56,8 @@ class AffineLET(LET):
     """LET with AffineQuant's v→o matrices and RoPE-commuting q·k pairs (module docstring)."""
 
     def __init__(self, block: nn.Module, adapter: Any, dims: Any, data: BlockData, alpha: float = 0.5, qk: bool = True,
-                 sf: float = 1e-2, fp16_norms: bool = True) -> None:
-        super().__init__(block, adapter, dims, data, alpha=alpha, qk=False, fp16_norms=fp16_norms)
+                 sf: float = 1e-2, fp16_norms: bool = True, init: str = "smoothquant") -> None:
+        super().__init__(block, adapter, dims, data, alpha=alpha, qk=False, fp16_norms=fp16_norms, init=init)
         n_kv, hd = self.n_kv, self.hd
         start = self.s_vo.detach().clamp_min(1e-2).view(n_kv, hd)
         self.s_vo = None
@@ -143,7 +143,7 @@ class AffineLET(LET):
 
 
 def _make(block, adapter, dims, data, opts) -> AffineLET:
-    return AffineLET(block, adapter, dims, data, alpha=opts["alpha"], qk=opts["let_qk"], sf=opts["sf"])
+    return AffineLET(block, adapter, dims, data, alpha=opts["alpha"], qk=opts["let_qk"], sf=opts["sf"], init=opts["let_init"])
 
 
 def _quantize_block(step: Any, block: torch.nn.Module, groups: list, data: BlockData, index: int):
@@ -180,7 +180,7 @@ def _register() -> None:
     from .rtn import quant_linear_class
 
     register(WeightMethod("affinequant", _quantize, quant_linear_class, quantize_block=_quantize_block,
-                          options=dict(OPTIONS), check_step=_check_step))
+                          options=dict(OPTIONS), check_step=_check_step, calib_samples=CALIB_SAMPLES))
 
 
 _register()

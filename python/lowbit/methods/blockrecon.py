@@ -47,8 +47,16 @@ __all__ = [
     "rel_loss",
     "round_ste",
     "fp16_ste",
+    "fp16_round_ste",
     "split_batches",
+    "CALIB_SAMPLES",
 ]
+
+#: calibration sequences a block-trained method's default run takes (``WeightMethod.calib_samples``):
+#: each is an Adam step per block and epoch, so this paces the run — 32×512 tokens keep every
+#: preset's default run on the bundled model within 25 minutes on 2 cores; ``--calib-samples``
+#: scales it up
+CALIB_SAMPLES = 32
 
 
 @dataclass
@@ -96,6 +104,14 @@ def fp16_ste(x: torch.Tensor) -> torch.Tensor:
     from ..grids.uniform import FP16_MIN_SCALE
 
     r = x.detach().half().float().clamp_min(FP16_MIN_SCALE)
+    return x + (r - x).detach()
+
+
+def fp16_round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value, sign kept (a norm weight may be negative or
+    tiny; it is not clamped like :func:`fp16_ste`'s scales), identity backward. Finite: values
+    past fp16's range are refused by the checkpoint, so they are clamped to ±65504 here."""
+    r = x.detach().clamp(-65504.0, 65504.0).half().float()
     return x + (r - x).detach()
 
 

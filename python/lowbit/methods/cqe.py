@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ValueRangeError
-from .blockrecon import BlockData, check_recon_options, fake_quantized, quantized_inputs, reconstruct
+from .blockrecon import CALIB_SAMPLES, BlockData, check_recon_options, fake_quantized, quantized_inputs, reconstruct
 from .omniquant import LWC
 from .omniquant import OPTIONS as LWC_OPTIONS
 from .omniquant import check_options as check_lwc_options
@@ -35,8 +35,8 @@ from .omniquant import step_uniform_grid
 __all__ = ["SVDIncrement", "OPTIONS"]
 
 OPTIONS = {
-    **{k: v for k, v in LWC_OPTIONS.items() if k not in ("let", "let_lr", "alpha", "let_qk")},
-    "epochs": 2,
+    **{k: v for k, v in LWC_OPTIONS.items() if k not in ("let", "let_lr", "alpha", "let_qk", "let_init")},
+    "epochs": 4,  # as OmniQuant's (measured at 4: benches/results/2026-12-04-presets-blockrecon-mse)
     "band": 3,  # D's half-width: 1 is LSI (the diagonal alone)
     "sv_lr": 1e-3,  # Adam step of D, relative to the largest singular value
     "lookahead": 2,  # CL: blocks ahead in the loss (0: LSI/SDE alone)
@@ -135,7 +135,7 @@ def _register() -> None:
     from .rtn import quant_linear_class
 
     register(WeightMethod("cqe", _quantize, quant_linear_class, quantize_block=_quantize_block,
-                          options=dict(OPTIONS), check_step=_check_step))
+                          options=dict(OPTIONS), check_step=_check_step, calib_samples=CALIB_SAMPLES))
 
 
 _register()

@@ -13,7 +13,8 @@ Four transformations, each exact in full precision (Llama-family blocks, RMSNorm
   and the transformation stays exact before RoPE.
 
 ``s_attn``, ``s_mlp`` and ``s_vo`` start at SmoothQuant's ``max|X|^α / max|W|^(1−α)`` from the
-block's calibration inputs, ``s_qk`` at 1 (the official code's choice, OpenGVLab/OmniQuant
+block's calibration inputs (``init="identity"``: at 1, so the block starts as the clipping alone
+— the start for weight-only runs, where there is no activation outlier to move), ``s_qk`` at 1 (the official code's choice, OpenGVLab/OmniQuant
 issue #26); scales below 1e-2 are clamped there each forward, as the official
 ``TruncateFunction`` does. Compared with OpenGVLab/OmniQuant ``models/transformation.py``
 (``smooth_ln_fcs_temporary``, ``smooth_fc_fc_temporary``, ``smooth_q_k_temporary``) and
@@ -31,9 +32,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .blockrecon import BlockData, fp16_ste, observe_inputs
+from ..errors import ValueRangeError
+from .blockrecon import BlockData, fp16_round_ste, observe_inputs
 
-__all__ = ["LET", "LETWeight"]
+__all__ = ["LET", "LETWeight", "INITS"]
+
+#: where the scales start (:class:`LET`'s ``init``)
+INITS = ("smoothquant", "identity")
 
 _MIN_SCALE = 1e-2
 
@@ -73,14 +78,17 @@ class LET(nn.Module):
         dims: the model's :class:`~lowbit.models.adapters.Dims`.
         data: the block's calibration activations (for the SmoothQuant initialisation).
         alpha: SmoothQuant's migration strength.
+        init: ``"smoothquant"`` (the scales above) or ``"identity"`` (every scale 1).
         qk: also learn ``s_qk``.
         fp16_norms: round the transformed norm weights to fp16 in the forward (what a checkpoint
             stores); ``False`` keeps the transformation exact in float32.
     """
 
     def __init__(self, block: nn.Module, adapter: Any, dims: Any, data: BlockData, alpha: float = 0.75, qk: bool = True,
-                 fp16_norms: bool = True) -> None:
+                 fp16_norms: bool = True, init: str = "smoothquant") -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueRangeError(f"init: must be one of {INITS}, got {init!r}")
         self.fp16_norms = fp16_norms
         (attn_norm, qkv), (mlp_norm, gate_up) = adapter.residual_readers(block)
         q, k, v = qkv
@@ -99,6 +107,10 @@ class LET(nn.Module):
         wo = o.weight.detach().float().abs().amax(0).view(self.n_kv, rep, self.hd).amax(1).flatten()
         self.s_vo = nn.Parameter((xo.clamp_min(1e-5).pow(alpha) / wo.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5))
         self.s_qk = nn.Parameter(torch.ones(self.n_kv * self.hd // 2)) if qk else None
+        if init == "identity":
+            with torch.no_grad():
+                for p in (self.s_attn, self.s_mlp, self.s_vo):
+                    p.fill_(1.0)
 
     # -- the scales as they act ------------------------------------------------------------------
     @staticmethod
@@ -144,7 +156,7 @@ class LET(nn.Module):
         (``"attn_norm"``, ``"mlp_norm"``, ``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``)."""
         if role in ("attn_norm", "mlp_norm"):
             w = W / self._clamped(self.s_attn if role == "attn_norm" else self.s_mlp)
-            return fp16_ste(w) if self.fp16_norms else w
+            return fp16_round_ste(w) if self.fp16_norms else w
         if role in ("q", "k", "v"):
             W = {"q": self.q_rows, "k": self.k_rows, "v": self.v_rows}[role](W)
             return W if tensor == "bias" else W * self._clamped(self.s_attn).unsqueeze(0)

@@ -6,7 +6,10 @@ Per group of ``g`` input columns of a weight, two logits ``γ, β`` clip the ran
     s = fp16((xmax' − xmin') / (2^b − 1)),  z = round(−xmin' / s)
     Ŵ = (clamp(round_ste(W / s) + z, 0, 2^b − 1) − z) · s
 
-``γ = β = 4`` at the start (σ = 0.982, the clip barely bites), trained with Adam on the relative
+The paper starts at ``γ = β = 4`` (σ = 0.982, the clip barely bites); lowbit starts each group at
+the clip its MSE range search picks (round-to-nearest's own, ``init="mse"``; ``init=4`` is the
+paper's), which measured lower perplexity at 3 and 2 bits (benches/results/*-blockrecon-mse),
+then trains with Adam on the relative
 error of the block's output against the full-precision block's on the full-precision chain (plus,
 with ``aug_loss``, against the full-precision block on the quantized chain), the quantized chain's
 inputs as input. ``z`` is rounded without a straight-through estimator, so ``γ, β`` get their
@@ -40,6 +43,7 @@ import torch
 from ..errors import UnsupportedSizeError, ValueRangeError
 from ..grids.uniform import UniformGrid
 from .blockrecon import (
+    CALIB_SAMPLES,
     BlockData,
     WeightParametrization,
     check_recon_options,
@@ -49,6 +53,7 @@ from .blockrecon import (
     reconstruct,
     round_ste,
 )
+from .let import INITS as LET_INITS
 from .let import LET
 
 __all__ = ["LWC", "train_lwc", "OPTIONS"]
@@ -57,13 +62,14 @@ __all__ = ["LWC", "train_lwc", "OPTIONS"]
 OPTIONS = {
     "epochs": 4,  # passes over the training sequences per block (the paper: 20, 40 at W2)
     "lr": 5e-2,  # Adam step of the clipping logits (the official code: 1e-2 over 20 epochs of 128 sequences; 5e-2 for our few steps)
-    "init": 4.0,  # γ = β at the start: σ(4) = 0.982; "mse": the clip of the grid's MSE range search
+    "init": "mse",  # the clip of the grid's MSE range search (RTN's), or a number: γ = β at the start (the paper: 4, σ(4) = 0.982)
     "aug_loss": False,  # also match the full-precision block on the quantized chain's inputs
     "batch": 1,  # sequences per step
     "held_out": 0.125,  # fraction of the calibration sequences held back to keep or drop a block's clip
     "let": False,  # learn the equivalent transformation too (methods/let.py; for 4-bit activations)
     "let_lr": 5e-3,  # its step (the official code: 5e-3, 1e-3 for W4A4)
     "alpha": 0.75,  # SmoothQuant's migration strength of its initialisation (0.75 for W4A4)
+    "let_init": "auto",  # where LET's scales start: "smoothquant" (alpha), "identity" (all 1); "auto": SmoothQuant's with quantized activations, else identity
     "let_qk": True,  # also scale q·kᵀ (RoPE pairs tied)
 }
 
@@ -154,6 +160,15 @@ def step_uniform_grid(step: Any, method: str) -> UniformGrid:
     return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym)
 
 
+def let_start(init: str, data: BlockData) -> str:
+    """The ``let_init`` option resolved: ``"auto"`` is SmoothQuant's start when the block trains with
+    quantized activations (``data.act``: outliers to move into the weights), else the identity (a
+    weight-only run then starts exactly at the clipping alone)."""
+    if init == "auto":
+        return "smoothquant" if data.act is not None else "identity"
+    return init
+
+
 def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict,
               make_transform: Optional[Callable[..., LET]] = None) -> tuple[dict, tuple[float, float, bool]]:
     """Train LWC (and, with ``opts["let"]``, LET) on every linear of ``block`` (options ``opts``,
@@ -173,8 +188,9 @@ def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData,
     if opts["let"] or make_transform is not None:
         if data.adapter is None or data.dims is None:
             raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
+        opts = {**opts, "let_init": let_start(opts["let_init"], data)}
         if make_transform is None:
-            let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"])
+            let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"], init=opts["let_init"])
         else:
             let = make_transform(block, data.adapter, data.dims, data, opts)
         groups.append({"params": let.params(), "lr": opts["let_lr"]})
@@ -203,6 +219,8 @@ def check_options(opts: dict) -> None:
                         bools=("aug_loss", "let", "let_qk"))
     if isinstance(opts["alpha"], bool) or not isinstance(opts["alpha"], (int, float)) or not 0 <= opts["alpha"] <= 1:
         raise ValueRangeError(f"options: alpha must be in [0, 1], got {opts['alpha']!r}")
+    if opts["let_init"] not in ("auto", *LET_INITS):
+        raise ValueRangeError(f"options: let_init must be one of {('auto', *LET_INITS)}, got {opts['let_init']!r}")
     if opts["init"] != "mse" and (isinstance(opts["init"], bool) or not isinstance(opts["init"], (int, float))):
         raise ValueRangeError(f"options: init must be a number or 'mse', got {opts['init']!r}")
 
@@ -224,7 +242,7 @@ def _register() -> None:
     from .rtn import quant_linear_class
 
     register(WeightMethod("omniquant", _quantize, quant_linear_class, quantize_block=_quantize_block,
-                          options=dict(OPTIONS), check_step=_check_step))
+                          options=dict(OPTIONS), check_step=_check_step, calib_samples=CALIB_SAMPLES))
 
 
 _register()

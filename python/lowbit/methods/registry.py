@@ -28,6 +28,10 @@ A *block* method (learned post-training quantization, :mod:`lowbit.methods.block
   (the quantized chain's inputs, the full-precision targets); returns the packed weight of every
   linear and the reconstruction loss before/after. The loop swaps the stored layers in itself.
 
+A method whose default run is paced by its calibration set (block training: each sequence is an
+Adam step per block) says how many sequences that default run takes in ``calib_samples``; the CLI
+uses it when ``--calib-samples`` is not given (:attr:`lowbit.recipe.Recipe.calib_samples`).
+
 A method's own hyper-parameters are its ``options`` (name → default, JSON values); a step sets them
 through ``WeightQuant(options={...})``, checked by name here and by value in ``check_step(step)``
 (also where a method refuses a step it cannot run, e.g. a grid it does not support).
@@ -87,6 +91,7 @@ class WeightMethod:
     quantize_block: Optional[Callable[..., tuple[dict, Optional[tuple[float, float]]]]] = None
     options: dict = field(default_factory=dict)
     check_step: Optional[Callable[[Any], None]] = None
+    calib_samples: Optional[int] = None
 
     @property
     def needs_calibration(self) -> bool:

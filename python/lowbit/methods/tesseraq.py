@@ -43,6 +43,7 @@ import torch
 from ..errors import ValueRangeError
 from ..grids.uniform import UniformGrid
 from .blockrecon import (
+    CALIB_SAMPLES,
     BlockData,
     WeightParametrization,
     adam_steps,
@@ -312,7 +313,7 @@ def _register() -> None:
     from .rtn import quant_linear_class
 
     register(WeightMethod("tesseraq", _quantize, quant_linear_class, quantize_block=_quantize_block,
-                          options=dict(OPTIONS), check_step=_check_step))
+                          options=dict(OPTIONS), check_step=_check_step, calib_samples=CALIB_SAMPLES))
 
 
 _register()
