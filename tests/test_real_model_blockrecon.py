@@ -44,7 +44,8 @@ def test_tesseraq_w3_from_gptq_at_most_gptq(bundle, quantized_ppl):
     assert tess <= BOUND_TESS * gptq, (tess, gptq)
 
 
-# measured 2026-12-03 (16×512 calibration, 4096 news tokens): LWC one epoch 89.07 against RTN
-# 96.01 (0.928); TesseraQ from GPTQ, stages 0.5 and 0.1 of 5 steps, 66.02 against GPTQ 68.21 (0.968)
-BOUND_OMNI = 0.96
+# measured 2026-12-04 (16×512 calibration, 4096 news tokens): LWC one epoch from the MSE clip
+# 65.10 against RTN 96.01 (0.678; from the paper's γ = β = 4 it was 0.928); TesseraQ from GPTQ,
+# stages 0.5 and 0.1 of 5 steps, 63.44 against GPTQ 68.21 (0.930)
+BOUND_OMNI = 0.75
 BOUND_TESS = 1.0
