@@ -624,14 +624,12 @@ class Recipe:
 
     @property
     def calib_samples(self) -> int:
-        """The calibration sequences this recipe's default run takes: the fewest any of its weight
-        methods asks for (block-trained methods pace their run by it), else
-        :data:`DEFAULT_CALIB_SAMPLES`. The CLI's ``--calib-samples`` overrides it."""
+        """The calibration sequences this recipe's default run takes: what its weight method asks
+        for (block-trained methods pace their run by it), else :data:`DEFAULT_CALIB_SAMPLES`. The CLI's ``--calib-samples`` overrides it."""
         from .methods.registry import weight_method
 
-        asked = [weight_method(s.method).calib_samples for s in self.steps if isinstance(s, (WeightQuant, VectorQuant))]
-        asked = [n for n in asked if n is not None]
-        return min(asked) if asked else DEFAULT_CALIB_SAMPLES
+        asked = weight_method(self.weight.method).calib_samples if self.weight is not None else None
+        return DEFAULT_CALIB_SAMPLES if asked is None else asked
 
     def to_list(self) -> list[dict]:
         return [s.to_dict() for s in self.steps]

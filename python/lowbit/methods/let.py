@@ -14,7 +14,8 @@ Four transformations, each exact in full precision (Llama-family blocks, RMSNorm
 
 ``s_attn``, ``s_mlp`` and ``s_vo`` start at SmoothQuant's ``max|X|^α / max|W|^(1−α)`` from the
 block's calibration inputs (``init="identity"``: at 1, so the block starts as the clipping alone
-— the start for weight-only runs, where there is no activation outlier to move), ``s_qk`` at 1 (the official code's choice, OpenGVLab/OmniQuant
+— ``init="auto"`` picks it for weight-only runs, where there is no activation outlier to move,
+and SmoothQuant's when the block trains with quantized activations), ``s_qk`` at 1 (the official code's choice, OpenGVLab/OmniQuant
 issue #26); scales below 1e-2 are clamped there each forward, as the official
 ``TruncateFunction`` does. Compared with OpenGVLab/OmniQuant ``models/transformation.py``
 (``smooth_ln_fcs_temporary``, ``smooth_fc_fc_temporary``, ``smooth_q_k_temporary``) and
@@ -38,7 +39,7 @@ from .blockrecon import BlockData, fp16_round_ste, observe_inputs
 __all__ = ["LET", "LETWeight", "INITS"]
 
 #: where the scales start (:class:`LET`'s ``init``)
-INITS = ("smoothquant", "identity")
+INITS = ("auto", "smoothquant", "identity")
 
 _MIN_SCALE = 1e-2
 
@@ -78,7 +79,8 @@ class LET(nn.Module):
         dims: the model's :class:`~lowbit.models.adapters.Dims`.
         data: the block's calibration activations (for the SmoothQuant initialisation).
         alpha: SmoothQuant's migration strength.
-        init: ``"smoothquant"`` (the scales above) or ``"identity"`` (every scale 1).
+        init: ``"smoothquant"`` (the scales above), ``"identity"`` (every scale 1), or ``"auto"``:
+            SmoothQuant's when ``data.act`` quantizes the linears' inputs, else the identity.
         qk: also learn ``s_qk``.
         fp16_norms: round the transformed norm weights to fp16 in the forward (what a checkpoint
             stores); ``False`` keeps the transformation exact in float32.
@@ -98,19 +100,23 @@ class LET(nn.Module):
             **{r: _path(block, m) for r, m in zip(("q", "k", "v", "o", "gate", "up"), (q, k, v, o, *gate_up))},
         }
         self.n_heads, self.n_kv, self.hd = int(dims.n_heads), int(dims.n_kv_heads), int(dims.head_dim)
-        x_attn, x_o, x_mlp = _input_absmax(block, [q, o, gate_up[0]], data)
-        self.s_attn = nn.Parameter(_smooth(x_attn, [q.weight, k.weight, v.weight], alpha))
-        self.s_mlp = nn.Parameter(_smooth(x_mlp, list(m.weight for m in gate_up), alpha))
-        # v→o: one scale per KV channel, from the o columns (and o inputs) of all its query heads
-        rep = self.n_heads // self.n_kv
-        xo = x_o.view(self.n_kv, rep, self.hd).amax(1).flatten()
-        wo = o.weight.detach().float().abs().amax(0).view(self.n_kv, rep, self.hd).amax(1).flatten()
-        self.s_vo = nn.Parameter((xo.clamp_min(1e-5).pow(alpha) / wo.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5))
+        if init == "auto":
+            init = "smoothquant" if data.act is not None else "identity"
+        if init == "smoothquant":  # the calibration pass only where its statistics are used
+            x_attn, x_o, x_mlp = _input_absmax(block, [q, o, gate_up[0]], data)
+            s_attn = _smooth(x_attn, [q.weight, k.weight, v.weight], alpha)
+            s_mlp = _smooth(x_mlp, list(m.weight for m in gate_up), alpha)
+            # v→o: one scale per KV channel, from the o columns (and o inputs) of all its query heads
+            rep = self.n_heads // self.n_kv
+            xo = x_o.view(self.n_kv, rep, self.hd).amax(1).flatten()
+            wo = o.weight.detach().float().abs().amax(0).view(self.n_kv, rep, self.hd).amax(1).flatten()
+            s_vo = (xo.clamp_min(1e-5).pow(alpha) / wo.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+        else:
+            dev = q.weight.device
+            s_attn, s_mlp = torch.ones(q.weight.shape[1], device=dev), torch.ones(gate_up[0].weight.shape[1], device=dev)
+            s_vo = torch.ones(self.n_kv * self.hd, device=dev)
+        self.s_attn, self.s_mlp, self.s_vo = nn.Parameter(s_attn), nn.Parameter(s_mlp), nn.Parameter(s_vo)
         self.s_qk = nn.Parameter(torch.ones(self.n_kv * self.hd // 2)) if qk else None
-        if init == "identity":
-            with torch.no_grad():
-                for p in (self.s_attn, self.s_mlp, self.s_vo):
-                    p.fill_(1.0)
 
     # -- the scales as they act ------------------------------------------------------------------
     @staticmethod

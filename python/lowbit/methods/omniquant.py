@@ -160,15 +160,6 @@ def step_uniform_grid(step: Any, method: str) -> UniformGrid:
     return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym)
 
 
-def let_start(init: str, data: BlockData) -> str:
-    """The ``let_init`` option resolved: ``"auto"`` is SmoothQuant's start when the block trains with
-    quantized activations (``data.act``: outliers to move into the weights), else the identity (a
-    weight-only run then starts exactly at the clipping alone)."""
-    if init == "auto":
-        return "smoothquant" if data.act is not None else "identity"
-    return init
-
-
 def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict,
               make_transform: Optional[Callable[..., LET]] = None) -> tuple[dict, tuple[float, float, bool]]:
     """Train LWC (and, with ``opts["let"]``, LET) on every linear of ``block`` (options ``opts``,
@@ -188,7 +179,6 @@ def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData,
     if opts["let"] or make_transform is not None:
         if data.adapter is None or data.dims is None:
             raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
-        opts = {**opts, "let_init": let_start(opts["let_init"], data)}
         if make_transform is None:
             let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"], init=opts["let_init"])
         else:
@@ -219,8 +209,8 @@ def check_options(opts: dict) -> None:
                         bools=("aug_loss", "let", "let_qk"))
     if isinstance(opts["alpha"], bool) or not isinstance(opts["alpha"], (int, float)) or not 0 <= opts["alpha"] <= 1:
         raise ValueRangeError(f"options: alpha must be in [0, 1], got {opts['alpha']!r}")
-    if opts["let_init"] not in ("auto", *LET_INITS):
-        raise ValueRangeError(f"options: let_init must be one of {('auto', *LET_INITS)}, got {opts['let_init']!r}")
+    if opts["let_init"] not in LET_INITS:
+        raise ValueRangeError(f"options: let_init must be one of {LET_INITS}, got {opts['let_init']!r}")
     if opts["init"] != "mse" and (isinstance(opts["init"], bool) or not isinstance(opts["init"], (int, float))):
         raise ValueRangeError(f"options: init must be a number or 'mse', got {opts['init']!r}")
 
