@@ -306,6 +306,44 @@ def test_cqe_looks_ahead_and_its_packed_block_is_the_trained_one():
     assert Reconstruction(block, data, ahead=1).evaluate() > Reconstruction(block, data).evaluate() > 0
 
 
+@pytest.mark.parametrize("method", ["affinequant", "cqe"])
+def test_clip_first_ends_no_worse_than_lwc_alone(method):
+    """``lwc_first``: the clip trains alone (exactly OmniQuant's LWC, same draw), then with the
+    transformation, kept only if the held-back error goes down further — so the block's held-back
+    error ends at most LWC's, and the clip-first start is LWC's own result."""
+    import copy
+
+    from lowbit.methods.affinequant import OPTIONS as AFF_OPTIONS
+    from lowbit.methods.affinequant import _make
+    from lowbit.methods.cqe import OPTIONS as CQE_OPTIONS
+    from lowbit.methods.cqe import train_cqe
+
+    block, linears, data = _block("qwen2")
+    run = {"epochs": 3, "init": 4.0, "held_out": 0.2}
+    b0 = copy.deepcopy(block)
+    _, (lwc_before, lwc_after, _) = train_lwc(WeightQuant("omniquant", 2, 32), b0, _paths(b0, linears), data, 0,
+                                              {**OMNI_OPTIONS, **run})
+    assert lwc_after < lwc_before
+    for first in (True, False):
+        b = copy.deepcopy(block)
+        lin = _paths(b, linears)
+        if method == "affinequant":
+            _, (before, after, _) = train_lwc(WeightQuant(method, 2, 32), b, lin, data, 0,
+                                              {**AFF_OPTIONS, **run, "lwc_first": first}, make_transform=_make)
+        else:
+            _, (before, after, _) = train_cqe(WeightQuant(method, 2, 32), b, lin, data, 0,
+                                              {**CQE_OPTIONS, **run, "lookahead": 0, "lwc_first": first})
+        assert before == pytest.approx(lwc_before, rel=1e-6)  # the same start: the MSE clip
+        if first:
+            assert after <= lwc_after * (1 + 1e-6)
+
+
+def _paths(block, linears):
+    """``linears`` (path, module) re-pointed at the same paths of ``block`` (a copy)."""
+    mods = dict(block.named_modules())
+    return [(name, mods[name]) for name, _ in linears]
+
+
 def test_fake_quantized_restores_the_weights_even_on_error():
     block, linears, _ = _block()
     name, lin = linears[0]
@@ -512,6 +550,10 @@ def test_options_are_checked_by_name_and_value():
         WeightQuant("cqe", 3, 64, options={"let_init": "identity"})
     with pytest.raises(ValueRangeError, match="options: sf"):
         WeightQuant("affinequant", 3, 64, options={"sf": 2.0})
+    with pytest.raises(ValueRangeError, match="options: lwc_first must be one of"):
+        WeightQuant("cqe", 3, 64, options={"lwc_first": "yes"})
+    with pytest.raises(ValueRangeError, match="options: lwc_first must be one of"):
+        WeightQuant("affinequant", 3, 64, options={"lwc_first": 1})
     with pytest.raises(ValueRangeError, match="options: must be a dict"):
         WeightQuant("tesseraq", 3, 64, options=[("lr", 1)])
 

@@ -12,7 +12,10 @@ Per linear, with the SVD ``W = U·diag(σ)·Vᵀ`` taken once (float64, then fix
   full-precision blocks (the engine's ``ahead``), so a block's weights are fitted to what the
   following blocks make of its output.
 
-With ``D = 0`` the method is exactly OmniQuant's LWC. After training ``W'`` replaces the weight
+With ``D = 0`` the method is exactly OmniQuant's LWC. With ``lwc_first`` (on for weight-only
+runs) a block first trains LWC alone, exactly OmniQuant's, then ``D`` and the look-ahead join;
+that second stage is kept only if it lowers its held-back loss, so CQE builds *on* the trained
+clip, as the preset's "on top of OmniQuant's LWC" says. After training ``W'`` replaces the weight
 and LWC quantizes it: the checkpoint is a plain packed model. No official code is known
 (METHODS.md §7 is abstract-level): this follows the papers' equations; the band width, the step
 of ``D`` and the weight of the look-ahead terms (1 each) are our choices, to be checked.
@@ -26,11 +29,11 @@ import torch
 from torch import nn
 
 from ..errors import ValueRangeError
-from .blockrecon import CALIB_SAMPLES, BlockData, check_recon_options, fake_quantized, quantized_inputs, reconstruct
+from .blockrecon import CALIB_SAMPLES, BlockData, Reconstruction, check_recon_options, fake_quantized, quantized_inputs, reconstruct
 from .omniquant import LWC
 from .omniquant import OPTIONS as LWC_OPTIONS
 from .omniquant import check_options as check_lwc_options
-from .omniquant import step_uniform_grid
+from .omniquant import lwc_first, lwc_params, staged, step_uniform_grid, train_clip
 
 __all__ = ["SVDIncrement", "OPTIONS"]
 
@@ -88,21 +91,28 @@ class SVDIncrement(nn.Module):
 
 def train_cqe(step: Any, block: nn.Module, linears: list, data: BlockData, index: int, opts: dict):
     """Train LWC and the singular-value increments of every linear of ``block`` together; merge
-    ``W'`` into the linears. Returns ``({path: LWC}, (before, after, kept))``."""
+    ``W'`` into the linears. With :func:`~lowbit.methods.omniquant.lwc_first` the clip first trains
+    alone (OmniQuant's LWC), then with the increments (and the look-ahead loss), that stage kept
+    only if it lowers its held-back loss. Returns ``({path: LWC}, (before, after, kept))``, the
+    held-back error of the block alone (the look-ahead terms left out, so it compares with LWC's)."""
     grid = step_uniform_grid(step, "cqe")
     lwcs = {name: LWC(lin.weight, grid, init=opts["init"]) for name, lin in linears}
+    first = train_clip(block, linears, lwcs, grid, data, index, opts) if lwc_first(opts, data) else None
     incs = {name: SVDIncrement(lin.weight, opts["band"], lwcs[name]) for name, lin in linears}
     groups = [
-        {"params": [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))], "lr": opts["lr"]},
+        {"params": lwc_params(lwcs, grid), "lr": opts["lr"]},
         {"params": [m.d for m in incs.values()], "lr": opts["sv_lr"]},
     ]
     with quantized_inputs([lin for _, lin in linears], data.act), fake_quantized(block, incs):
         result = reconstruct(block, data, groups, epochs=opts["epochs"], batch=opts["batch"], held_out=opts["held_out"],
                              aug_loss=opts["aug_loss"], seed=index, ahead=opts["lookahead"])
+        if opts["lookahead"] and first is not None:  # the block's own error, in LWC's units
+            own = Reconstruction(block, data, held_out=opts["held_out"], aug_loss=opts["aug_loss"]).evaluate()
+            result = (result[0], own, result[2])
     with torch.no_grad():
         for name, lin in linears:
             lin.weight.copy_(incs[name].increment(lin.weight.detach().float()).to(lin.weight.dtype))
-    return lwcs, result
+    return lwcs, staged(first, result)
 
 
 def _quantize_block(step: Any, block: nn.Module, groups: list, data: BlockData, index: int):

@@ -56,7 +56,7 @@ from .blockrecon import (
 from .let import INITS as LET_INITS
 from .let import LET
 
-__all__ = ["LWC", "train_lwc", "OPTIONS"]
+__all__ = ["LWC", "train_lwc", "train_clip", "lwc_first", "OPTIONS"]
 
 #: the method's options and their defaults (``WeightQuant(options={...})``)
 OPTIONS = {
@@ -71,7 +71,11 @@ OPTIONS = {
     "alpha": 0.75,  # SmoothQuant's migration strength of its initialisation (0.75 for W4A4)
     "let_init": "auto",  # where LET's scales start: "smoothquant" (alpha), "identity" (all 1); "auto": SmoothQuant's with quantized activations, else identity
     "let_qk": True,  # also scale q·kᵀ (RoPE pairs tied)
+    "lwc_first": "auto",  # with a transformation (LET, AffineQuant's, CQE's increments): train the clip alone first, then both, the second stage kept only if it beats the first on the held-back part; "auto": for weight-only runs, where the transformation starts at the identity
 }
+
+#: the values of the ``lwc_first`` option
+LWC_FIRST = ("auto", True, False)
 
 
 def _group_index(n: int, gs: int) -> torch.Tensor:
@@ -160,13 +164,44 @@ def step_uniform_grid(step: Any, method: str) -> UniformGrid:
     return UniformGrid(bits=step.bits, group_size=step.group_size, sym=step.sym)
 
 
+def lwc_params(lwcs: dict, grid: UniformGrid) -> list[torch.Tensor]:
+    """The trained logits of the :class:`LWC` s ``lwcs`` (``γ`` alone on a symmetric grid)."""
+    return [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))]
+
+
+def lwc_first(opts: dict, data: BlockData) -> bool:
+    """Whether the clip trains alone before a transformation joins it (option ``lwc_first``;
+    ``"auto"``: when the recipe quantizes no activations)."""
+    return data.act is None if opts["lwc_first"] == "auto" else bool(opts["lwc_first"])
+
+
+def train_clip(block: torch.nn.Module, linears: list, lwcs: dict, grid: UniformGrid, data: BlockData, index: int,
+               opts: dict) -> tuple[float, float, bool]:
+    """Train the clipping logits of ``lwcs`` alone on ``block`` (what OmniQuant does without LET);
+    returns the held-back ``(before, after, kept)`` of :func:`~lowbit.methods.blockrecon.reconstruct`."""
+    groups = [{"params": lwc_params(lwcs, grid), "lr": opts["lr"]}]
+    with quantized_inputs([lin for _, lin in linears], data.act), fake_quantized(block, lwcs):
+        return reconstruct(block, data, groups, epochs=opts["epochs"], batch=opts["batch"], held_out=opts["held_out"],
+                           aug_loss=opts["aug_loss"], seed=index)
+
+
+def staged(first: Optional[tuple[float, float, bool]], second: tuple[float, float, bool]) -> tuple[float, float, bool]:
+    """The held-back ``(before, after, kept)`` of a clip-first training (``first``, or None when the
+    clip did not train alone) followed by ``second``, measured in the same loss."""
+    if first is None:
+        return second
+    return first[0], second[1], first[2] or second[2]
+
+
 def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData, index: int, opts: dict,
               make_transform: Optional[Callable[..., LET]] = None) -> tuple[dict, tuple[float, float, bool]]:
     """Train LWC (and, with ``opts["let"]``, LET) on every linear of ``block`` (options ``opts``,
     see :data:`OPTIONS`), with the recipe's activation quantizer on their inputs if it has one.
 
     With LET the block's norms, q/k/v/o/gate/up weights (and q/k/v biases) are left transformed
-    (merged); the LWCs quantize the transformed weights.
+    (merged); the LWCs quantize the transformed weights. With :func:`lwc_first` the clip first
+    trains alone (exactly OmniQuant's LWC), then with the transformation; that second stage is kept
+    only if it lowers the held-back error further, so the block ends no worse than LWC alone.
 
     Returns ``({path: LWC}, (before, after, kept))``: the trained clipping per linear (at its
     initial value when not kept) and the held-back relative block error. ``make_transform(block,
@@ -174,24 +209,23 @@ def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData,
     """
     grid = step_uniform_grid(step, "omniquant")
     lwcs = {name: LWC(lin.weight, grid, init=opts["init"]) for name, lin in linears}
-    groups = [{"params": [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))], "lr": opts["lr"]}]
-    let = None
-    if opts["let"] or make_transform is not None:
-        if data.adapter is None or data.dims is None:
-            raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
-        if make_transform is None:
-            let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"], init=opts["let_init"])
-        else:
-            let = make_transform(block, data.adapter, data.dims, data, opts)
-        groups.append({"params": let.params(), "lr": opts["let_lr"]})
-    quantizers = let.parametrizations(block, lwcs) if let is not None else lwcs
-    after = None if let is None else (lambda i, per_epoch: let.on_step(i, per_epoch, opts["epochs"]))
-    with quantized_inputs([lin for _, lin in linears], data.act), fake_quantized(block, quantizers):
+    transformed = bool(opts["let"]) or make_transform is not None
+    if not transformed:
+        return lwcs, train_clip(block, linears, lwcs, grid, data, index, opts)
+    if data.adapter is None or data.dims is None:
+        raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
+    first = train_clip(block, linears, lwcs, grid, data, index, opts) if lwc_first(opts, data) else None
+    if make_transform is None:
+        let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"], init=opts["let_init"])
+    else:
+        let = make_transform(block, data.adapter, data.dims, data, opts)
+    groups = [{"params": lwc_params(lwcs, grid), "lr": opts["lr"]}, {"params": let.params(), "lr": opts["let_lr"]}]
+    after = lambda i, per_epoch: let.on_step(i, per_epoch, opts["epochs"])  # noqa: E731
+    with quantized_inputs([lin for _, lin in linears], data.act), fake_quantized(block, let.parametrizations(block, lwcs)):
         result = reconstruct(block, data, groups, epochs=opts["epochs"], batch=opts["batch"], held_out=opts["held_out"],
                              aug_loss=opts["aug_loss"], seed=index, after_step=after)
-    if let is not None:
-        let.merge(block)
-    return lwcs, result
+    let.merge(block)
+    return lwcs, staged(first, result)
 
 
 def _quantize_block(step: Any, block: torch.nn.Module, groups: list, data: BlockData, index: int):
@@ -211,6 +245,8 @@ def check_options(opts: dict) -> None:
         raise ValueRangeError(f"options: alpha must be in [0, 1], got {opts['alpha']!r}")
     if opts["let_init"] not in LET_INITS:
         raise ValueRangeError(f"options: let_init must be one of {LET_INITS}, got {opts['let_init']!r}")
+    if not (isinstance(opts["lwc_first"], bool) or opts["lwc_first"] == "auto"):
+        raise ValueRangeError(f"options: lwc_first must be one of {LWC_FIRST}, got {opts['lwc_first']!r}")
     if opts["init"] != "mse" and (isinstance(opts["init"], bool) or not isinstance(opts["init"], (int, float))):
         raise ValueRangeError(f"options: init must be a number or 'mse', got {opts['init']!r}")
 
