@@ -19,11 +19,11 @@ of diagonal scales where they merge, trained block by block with LWC on the same
   fifth more linear FLOPs on the bundled model); this implementation keeps those diagonal (LET's
   scales), so the checkpoint stays a plain packed model with no extra bytes or FLOPs.
 
-* **clip first** (``lwc_first``, on for weight-only runs): each block first trains LWC alone —
-  OmniQuant's run, the same draw — then the matrices join it, and that second stage is kept only
-  if it lowers the held-back error further, so no block ends worse than OmniQuant's. (The official
-  code trains both from the start; at 32 calibration sequences that measured 1–2 % worse than LWC
-  alone, benches/results/2026-12-04-presets-blockrecon-let.md.)
+* both are trained together from the start, as in the official code; ``lwc_first=true`` trains
+  LWC alone first (OmniQuant's run, the same draw) and keeps the stage with the matrices only if
+  it lowers the held-back error further. Per block that never ends above LWC alone, but at W3 on
+  32 calibration sequences it measured worse out of domain (55.14 against 52.17, OmniQuant 51.61;
+  benches/results/2026-12-06-presets-blockrecon-w3-staged.md), so it is off by default.
 
 Compared with bytedance/AffineQuant ``quantize/affinequant.py`` (the gradual mask and its
 schedule, ``sf``), ``models/transformation.py`` (the v/o matrix algebra) and ``main.py`` (the

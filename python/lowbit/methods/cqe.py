@@ -12,10 +12,11 @@ Per linear, with the SVD ``W = U·diag(σ)·Vᵀ`` taken once (float64, then fix
   full-precision blocks (the engine's ``ahead``), so a block's weights are fitted to what the
   following blocks make of its output.
 
-With ``D = 0`` the method is exactly OmniQuant's LWC. With ``lwc_first`` (on for weight-only
-runs) a block first trains LWC alone, exactly OmniQuant's, then ``D`` and the look-ahead join;
-that second stage is kept only if it lowers its held-back loss, so CQE builds *on* the trained
-clip, as the preset's "on top of OmniQuant's LWC" says. After training ``W'`` replaces the weight
+With ``D = 0`` the method is exactly OmniQuant's LWC. With ``lwc_first=true`` a block first
+trains LWC alone, exactly OmniQuant's, then ``D`` and the look-ahead join, that second stage kept
+only if it lowers its held-back loss; off by default, since at W3 it measured worse out of domain
+than training both from the start (57.67 against 53.61;
+benches/results/2026-12-06-presets-blockrecon-w3-staged.md). After training ``W'`` replaces the weight
 and LWC quantizes it: the checkpoint is a plain packed model. No official code is known
 (METHODS.md §7 is abstract-level): this follows the papers' equations; the band width, the step
 of ``D`` and the weight of the look-ahead terms (1 each) are our choices, to be checked.
@@ -33,7 +34,7 @@ from .blockrecon import CALIB_SAMPLES, BlockData, Reconstruction, check_recon_op
 from .omniquant import LWC
 from .omniquant import OPTIONS as LWC_OPTIONS
 from .omniquant import check_options as check_lwc_options
-from .omniquant import lwc_first, lwc_params, staged, step_uniform_grid, train_clip
+from .omniquant import lwc_params, staged, step_uniform_grid, train_clip
 
 __all__ = ["SVDIncrement", "OPTIONS"]
 
@@ -91,13 +92,13 @@ class SVDIncrement(nn.Module):
 
 def train_cqe(step: Any, block: nn.Module, linears: list, data: BlockData, index: int, opts: dict):
     """Train LWC and the singular-value increments of every linear of ``block`` together; merge
-    ``W'`` into the linears. With :func:`~lowbit.methods.omniquant.lwc_first` the clip first trains
+    ``W'`` into the linears. With ``opts["lwc_first"]`` the clip first trains
     alone (OmniQuant's LWC), then with the increments (and the look-ahead loss), that stage kept
     only if it lowers its held-back loss. Returns ``({path: LWC}, (before, after, kept))``, the
     held-back error of the block alone (the look-ahead terms left out, so it compares with LWC's)."""
     grid = step_uniform_grid(step, "cqe")
     lwcs = {name: LWC(lin.weight, grid, init=opts["init"]) for name, lin in linears}
-    first = train_clip(block, linears, lwcs, grid, data, index, opts) if lwc_first(opts, data) else None
+    first = train_clip(block, linears, lwcs, grid, data, index, opts) if opts["lwc_first"] else None
     incs = {name: SVDIncrement(lin.weight, opts["band"], lwcs[name]) for name, lin in linears}
     groups = [
         {"params": lwc_params(lwcs, grid), "lr": opts["lr"]},

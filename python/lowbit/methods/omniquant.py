@@ -56,7 +56,7 @@ from .blockrecon import (
 from .let import INITS as LET_INITS
 from .let import LET
 
-__all__ = ["LWC", "train_lwc", "train_clip", "lwc_first", "OPTIONS"]
+__all__ = ["LWC", "train_lwc", "train_clip", "OPTIONS"]
 
 #: the method's options and their defaults (``WeightQuant(options={...})``)
 OPTIONS = {
@@ -71,11 +71,12 @@ OPTIONS = {
     "alpha": 0.75,  # SmoothQuant's migration strength of its initialisation (0.75 for W4A4)
     "let_init": "auto",  # where LET's scales start: "smoothquant" (alpha), "identity" (all 1); "auto": SmoothQuant's with quantized activations, else identity
     "let_qk": True,  # also scale q·kᵀ (RoPE pairs tied)
-    "lwc_first": "auto",  # with a transformation (LET, AffineQuant's, CQE's increments): train the clip alone first, then both, the second stage kept only if it beats the first on the held-back part; "auto": for weight-only runs, where the transformation starts at the identity
+    # with a transformation (LET, AffineQuant's, CQE's increments): train the clip alone first, then
+    # both, the second stage kept only if it beats the first on the held-back part. Off: at W3 it
+    # was worse out of domain (AffineQuant 55.14 against 52.17 trained together from the start, CQE
+    # 57.67 against 53.61; benches/results/2026-12-06-presets-blockrecon-w3-staged.md)
+    "lwc_first": False,
 }
-
-#: the values of the ``lwc_first`` option
-LWC_FIRST = ("auto", True, False)
 
 
 def _group_index(n: int, gs: int) -> torch.Tensor:
@@ -169,12 +170,6 @@ def lwc_params(lwcs: dict, grid: UniformGrid) -> list[torch.Tensor]:
     return [p for q in lwcs.values() for p in ((q.gamma,) if grid.sym else (q.gamma, q.beta))]
 
 
-def lwc_first(opts: dict, data: BlockData) -> bool:
-    """Whether the clip trains alone before a transformation joins it (option ``lwc_first``;
-    ``"auto"``: when the recipe quantizes no activations)."""
-    return data.act is None if opts["lwc_first"] == "auto" else bool(opts["lwc_first"])
-
-
 def train_clip(block: torch.nn.Module, linears: list, lwcs: dict, grid: UniformGrid, data: BlockData, index: int,
                opts: dict) -> tuple[float, float, bool]:
     """Train the clipping logits of ``lwcs`` alone on ``block`` (what OmniQuant does without LET);
@@ -199,7 +194,7 @@ def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData,
     see :data:`OPTIONS`), with the recipe's activation quantizer on their inputs if it has one.
 
     With LET the block's norms, q/k/v/o/gate/up weights (and q/k/v biases) are left transformed
-    (merged); the LWCs quantize the transformed weights. With :func:`lwc_first` the clip first
+    (merged); the LWCs quantize the transformed weights. With ``opts["lwc_first"]`` the clip first
     trains alone (exactly OmniQuant's LWC), then with the transformation; that second stage is kept
     only if it lowers the held-back error further, so the block ends no worse than LWC alone.
 
@@ -214,7 +209,7 @@ def train_lwc(step: Any, block: torch.nn.Module, linears: list, data: BlockData,
         return lwcs, train_clip(block, linears, lwcs, grid, data, index, opts)
     if data.adapter is None or data.dims is None:
         raise ValueRangeError("options: let needs the block's adapter and dims in its BlockData (the layer loop gives them)")
-    first = train_clip(block, linears, lwcs, grid, data, index, opts) if lwc_first(opts, data) else None
+    first = train_clip(block, linears, lwcs, grid, data, index, opts) if opts["lwc_first"] else None
     if make_transform is None:
         let = LET(block, data.adapter, data.dims, data, alpha=opts["alpha"], qk=opts["let_qk"], init=opts["let_init"])
     else:
@@ -240,13 +235,11 @@ def _quantize_block(step: Any, block: torch.nn.Module, groups: list, data: Block
 def check_options(opts: dict) -> None:
     """Typed checks of the LWC options (``ValueRangeError`` naming the option)."""
     check_recon_options(opts, ints=("epochs",), positive=("lr", "batch", "let_lr"), fractions=("held_out",),
-                        bools=("aug_loss", "let", "let_qk"))
+                        bools=("aug_loss", "let", "let_qk", "lwc_first"))
     if isinstance(opts["alpha"], bool) or not isinstance(opts["alpha"], (int, float)) or not 0 <= opts["alpha"] <= 1:
         raise ValueRangeError(f"options: alpha must be in [0, 1], got {opts['alpha']!r}")
     if opts["let_init"] not in LET_INITS:
         raise ValueRangeError(f"options: let_init must be one of {LET_INITS}, got {opts['let_init']!r}")
-    if not (isinstance(opts["lwc_first"], bool) or opts["lwc_first"] == "auto"):
-        raise ValueRangeError(f"options: lwc_first must be one of {LWC_FIRST}, got {opts['lwc_first']!r}")
     if opts["init"] != "mse" and (isinstance(opts["init"], bool) or not isinstance(opts["init"], (int, float))):
         raise ValueRangeError(f"options: init must be a number or 'mse', got {opts['init']!r}")
 
