@@ -7,7 +7,8 @@
 A preset may carry overrides of its weight step as ``+field=value`` (``none``, ``true``/``false``,
 numbers), e.g. ``w4-gptq+group_size=none`` for per-channel GPTQ at about 4 bits, and of another
 step as ``+kind.field=value``, e.g. ``kv2-akvq+kv.salient_frac=0.02``, and of a weight method's
-own options as ``+opt.name=value``, e.g. ``w3-tesseraq+opt.init=gptq``. ``--rss`` adds each
+own options as ``+opt.name=value``, e.g. ``w3-tesseraq+opt.init=gptq`` (another step's method's as
+``+kind.opt.name=value``, e.g. ``w2-gptq-rilq+lowrank.opt.lr=0.001``). ``--rss`` adds each
 preset's peak resident memory.
 
     python benches/presets.py --tag blockrecon-w3 --calib-samples 32 --eval-tokens 8192 --rss \
@@ -54,8 +55,9 @@ def _recipe(spec: str):
     for p in parts:
         key, _, value = p.partition("=")
         kind, _, field = key.rpartition(".")
-        if kind == "opt":  # a weight method's own option, merged into the step's options
-            overrides.setdefault("weight", {}).setdefault("options", {})[field] = _parse_value(value)
+        if kind == "opt" or kind.endswith(".opt"):  # a method's own option (weight step's, or ``lowrank.opt.``)
+            step = "weight" if kind == "opt" else kind[: -len(".opt")]
+            overrides.setdefault(step, {}).setdefault("options", {})[field] = _parse_value(value)
             continue
         overrides.setdefault(kind or "weight", {})[field] = _parse_value(value)
     return name, overrides

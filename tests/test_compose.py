@@ -110,3 +110,46 @@ def test_embed_quant_composes(arch, tied, rot, weight, act, kv, calib, tmp_path)
         got = loaded(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+# The low-rank branch (LowRank, after the weight step) of each registered low-rank method, on each
+# family of weight method and stored layer (packed, VQ, block-trained), with rotations,
+# activations, KV and the embeddings step around it: the branch saves, loads and runs the same.
+def _lowrank_cells():
+    from lowbit.methods.registry import post_weight_methods
+
+    contexts = [
+        ("llama", "none", "rtn", "none", "none", False),
+        ("qwen2", "quarot", "gptq", "a4", "uniform", True),
+        ("mistral", "spinquant", "quip", "a8", "kvquant", False),
+        ("llama", "none", "tesseraq", "a4", "uniform", False),
+    ]
+    return [(m, *c) for m in post_weight_methods("lowrank") for c in contexts]
+
+
+LOWRANK_CELLS = _lowrank_cells()
+
+
+@pytest.mark.parametrize("method,arch,rot,weight,act,kv,embed", LOWRANK_CELLS, ids=["-".join(map(str, c)) for c in LOWRANK_CELLS])
+def test_lowrank_composes(method, arch, rot, weight, act, kv, embed, calib, tmp_path):
+    from lowbit.nn import QUANT_LINEARS
+    from lowbit.nn.lowrank import lowrank_of
+    from lowbit.recipe import LowRank
+
+    steps = [s for s in (ROTATIONS[rot], WEIGHTS[weight], LowRank(method, 4), EmbedQuant(8) if embed else None, ACTS[act], KVS[kv])
+             if s is not None]
+    model = lowbit.quantize(tiny_model(arch, seed=2), steps, calib, progress=False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LINEARS)}
+    assert linears and all(lowrank_of(m) is not None and lowrank_of(m).rank == 4 for m in linears.values())
+    ids = random_ids(2, 24, seed=3)
+    with torch.no_grad():
+        want = model(ids).logits
+    loaded = lowbit.load(lowbit.save(model, tmp_path / "ck"))
+    for n, m in loaded.named_modules():
+        if n in linears:
+            b = lowrank_of(m)
+            assert b is not None and torch.equal(b.A, lowrank_of(linears[n]).A) and m.bits_per_weight() == linears[n].bits_per_weight()
+    with torch.no_grad():
+        got = loaded(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert loaded.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)

@@ -59,6 +59,7 @@ _LAZY = {
     "ActQuant": ("lowbit.recipe", "ActQuant"),
     "KVQuant": ("lowbit.recipe", "KVQuant"),
     "EmbedQuant": ("lowbit.recipe", "EmbedQuant"),
+    "LowRank": ("lowbit.recipe", "LowRank"),
     "QuantizedKVCache": ("lowbit.kv.cache", "QuantizedKVCache"),
     "PRESETS": ("lowbit.recipe", "PRESETS"),
     "QuantLinear": ("lowbit.nn", "QuantLinear"),

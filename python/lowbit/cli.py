@@ -332,6 +332,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from . import io
     from .nn import QUANT_LINEARS
+    from .nn.lowrank import lowrank_of
 
     path = Path(args.dir)
     model = io.load(path)
@@ -340,8 +341,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lstats = _obj(report.get("layers"))
     natural = lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]  # noqa: E731
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANT_LINEARS)}
-    rows = [["layer", "kind", "bits", "group", "method", "bits/w", "rel. weight err", "proxy loss"]]
-    total_bits = total_weights = 0.0
+    rows = [["layer", "kind", "bits", "group", "method", "low-rank", "bits/w", "rel. weight err", "proxy loss"]]
+    total_bits = total_weights = branch_bits = 0.0
+    n_branches = 0
     for name in sorted(layers, key=natural):
         mod, meta = layers[name], layers[name].metadata()
         st = _obj(lstats.get(name))
@@ -355,7 +357,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             group = f"d={meta['dim']}"
         else:
             kind, bits, group = meta["kind"], str(meta["bits"]), str(meta["group_size"])
-        rows.append([name, kind, bits, group, meta["method"], f"{bpw:.3f}",
+        branch = lowrank_of(mod)
+        if branch is not None:
+            n_branches += 1
+            branch_bits += branch.bits()
+        low = "-" if branch is None else f"r{branch.rank} (+{branch.bits() / n_w:.3f} b/w)"
+        rows.append([name, kind, bits, group, meta["method"], low, f"{bpw:.3f}",
                      _num(st.get("rel_weight_error"), ".4f"), _num(st.get("loss"), ".4g")])
     print(_table(rows))
     blocks = _obj(report.get("block_output_error"))
@@ -367,6 +374,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                ["quantized linears", str(len(layers))],
                ["bits/weight (linears, incl. scales, codebooks, signs)", f"{total_bits / total_weights:.3f}" if total_weights else "-"],
                ["size on disk", _fmt_bytes(_dir_bytes(path))]]
+    if n_branches:
+        summary.insert(5, ["low-rank branches (fp16, counted in bits/weight)",
+                           f"{n_branches} linears, {branch_bits / total_weights:.3f} bits/weight"])
     online = qc.get("online", {})
     inputs, attention = online.get("inputs", {}), online.get("attention", {})
     if inputs or attention:
@@ -400,7 +410,7 @@ def _num(v, fmt: str) -> str:
 def cmd_presets(args: argparse.Namespace) -> int:
     from .recipe import PRESETS
 
-    from .methods.registry import weight_methods
+    from .methods.registry import post_weight_methods, weight_methods
 
     print(_table([["preset", "steps", "calibration"]]
                  + [[k, r.describe(), f"{r.calib_samples} seqs" if r.needs_calibration else "none"] for k, r in PRESETS.items()]))
@@ -408,6 +418,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if rows:
         print("\nweight-method options (quantize --option NAME=VALUE):")
         print(_table([["method", "options (defaults)"]] + rows))
+    rows = [[f"{m.kind}: {name}", ", ".join(f"{k}={json.dumps(v)}" for k, v in m.options.items())]
+            for name, m in post_weight_methods().items() if m.options]
+    if rows:
+        print("\nother steps' method options (a recipe step's options={...}):")
+        print(_table([["step: method", "options (defaults)"]] + rows))
     return 0
 
 

@@ -82,6 +82,7 @@ class QuantReport:
     rotation_losses: list = field(default_factory=list)  # SpinQuant's loss per step
     finetune: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> output error before/after tuning
     e2e_loss: Optional[tuple[float, float]] = None  # held-out cross-entropy before/after end-to-end tuning
+    references: Optional[dict] = None  # linear -> float weight as quantized, while a post-weight step needs it
 
     @property
     def seconds(self) -> float:
@@ -223,6 +224,10 @@ def quantize(
             t = time.perf_counter()
             _rotate(model, adapter, recipe, calib, report, progress)
             report.stage_seconds["rotate"] = time.perf_counter() - t
+        posts = [(step, post_weight_method(step)) for step in recipe.steps]  # whole-model steps after the weight step
+        posts = [(step, post) for step, post in posts if post is not None]
+        if any(post.needs_reference for _, post in posts):
+            report.references = {}  # the float weights as quantized, for the post-weight steps only
         if recipe.weight is not None:
             _quantize_weights(model, adapter, recipe.weight, calib, report, batch_size, calib_dtype, progress)
             method = weight_method(recipe.weight.method)
@@ -232,15 +237,16 @@ def quantize(
                 if result is not None:
                     report.e2e_loss = result
                     report.stage_seconds["finetune_e2e"] = time.perf_counter() - t
-        for step in recipe.steps:  # whole-model steps registered to run after the weight step
-            post = post_weight_method(step)
-            if post is not None:
-                t = time.perf_counter()
+        for step, post in posts:
+            t = time.perf_counter()
+            if post.needs_reference:
+                stats = post.apply(step, model, adapter, calib, references=report.references) or []
+            else:
                 stats = post.apply(step, model, adapter, calib) or []
-                secs = time.perf_counter() - t
-                for name, bits, err in stats:
-                    report.layers.append(LayerStats(name, step.method, bits, None, err, None, secs / len(stats)))
-                report.stage_seconds[step.step] = secs
+            secs = time.perf_counter() - t
+            _report_rows(report, step.method, stats, secs)
+            report.stage_seconds[step.step] = secs
+        report.references = None
         # the unquantized parameters take the values a checkpoint stores (fp16), so that the
         # in-memory model is the one lowbit.load gives back and the online steps calibrate on it
         round_to_storage(model)
@@ -254,6 +260,21 @@ def quantize(
         model.train(was_training)
     model.lowbit_report, model.lowbit_recipe = report, recipe
     return model
+
+
+def _report_rows(report: QuantReport, method: str, stats: list, secs: float) -> None:
+    """A post-weight step's ``(name, bits, error)`` rows into ``report.layers``: a layer the weight
+    step reported gets the new bits and error (method ``"<weight method>+<method>"``, the time
+    added), another is a new row."""
+    index = {s.name: i for i, s in enumerate(report.layers)}
+    for name, bits, err in stats:
+        per = secs / len(stats)
+        i = index.get(name)
+        if i is None:
+            report.layers.append(LayerStats(name, method, bits, None, err, None, per))
+        else:
+            old = report.layers[i]
+            report.layers[i] = LayerStats(name, f"{old.method}+{method}", bits, old.group_size, err, old.loss, old.seconds + per)
 
 
 def _rotate(model, adapter, recipe: Recipe, calib, report: QuantReport, progress: bool) -> None:
@@ -507,6 +528,8 @@ def _swap_in(
     qw, loss = quantized if quantized is not None else method.quantize(step, W, hessian, fisher)
     bias = lin.bias.detach() if lin.bias is not None else None
     ql: Any = method.layer().from_quantized(qw, bias)
+    if report.references is not None:
+        report.references[full_name] = W
     err = float((ql.dequantize_weight() - W).norm() / W.norm().clamp_min(1e-30))
     transform = input_transform_of(lin)
     if transform is not None:  # the online Hadamard / activation quantizer move to the new layer

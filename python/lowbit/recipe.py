@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .errors import LowbitError, UnsupportedSizeError, ValueRangeError
 
-__all__ = ["WeightQuant", "VectorQuant", "Rotate", "EmbedQuant", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
+__all__ = ["WeightQuant", "VectorQuant", "Rotate", "EmbedQuant", "LowRank", "ActQuant", "KVQuant", "Recipe", "PRESETS", "resolve", "UnknownRecipeError"]
 
 KINDS = ("uniform", "ternary", "binary")
 UNIFORM_BITS = (2, 3, 4, 8)
@@ -54,12 +54,13 @@ def _needs_data(method: str) -> bool:
     return weight_method(method).needs_calibration
 
 
-def _check_method_options(step: Any) -> None:
-    """Check ``step.options`` (a weight step's method options) by name against the registered
-    method's ``options``, then the whole step by the method's ``check_step``."""
+def _check_method_options(step: Any, method: Any = None) -> None:
+    """Check ``step.options`` (a step's method options) by name against the registered method's
+    ``options`` (``method``: the registry entry; default the weight method ``step.method``), then
+    the whole step by the method's ``check_step``."""
     from .methods.registry import weight_method
 
-    method = weight_method(step.method)
+    method = weight_method(step.method) if method is None else method
     opts = step.options
     if opts is not None:
         if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
@@ -67,7 +68,7 @@ def _check_method_options(step: Any) -> None:
         unknown = sorted(set(opts) - set(method.options))
         if unknown:
             raise ValueRangeError(
-                f"options: the {step.method!r} weight method has no option(s) {unknown}; it takes {sorted(method.options) or 'none'}"
+                f"options: the {step.method!r} {step.step} method has no option(s) {unknown}; it takes {sorted(method.options) or 'none'}"
             )
         bad = sorted(k for k, v in opts.items() if not _json_value(v))
         if bad:
@@ -554,12 +555,59 @@ class EmbedQuant:
         return cls(**{k: v for k, v in d.items() if k != "step"})
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank branch on every quantized decoder linear, ``y = x·Q(W)ᵀ + (x·A)·B``, fitted
+    after the weight step to what it lost (:mod:`lowbit.nn.lowrank`; the branch is stored fp16
+    and counted in bits per weight: ``16·rank·(in + out)/(in·out)``).
+
+    Attributes:
+        method: the registered low-rank method (:func:`lowbit.methods.registry.post_weight_methods`
+            of kind ``"lowrank"``): ``"lqer"`` (the SVD of the quantization error), ``"l2qer"``
+            (the SVD of the error scaled by the inputs' mean magnitudes; needs calibration),
+            ``"rilq"`` (L²QER's branch trained on the whole model's loss; needs calibration).
+        rank: the branch's inner size (1 … min(in, out) of each layer).
+        options: the method's own hyper-parameters (name → value; ``lowbit presets`` lists them),
+            checked by name against its registered defaults and by value by the method.
+    """
+
+    method: str = "l2qer"
+    rank: int = 8
+    options: Optional[dict] = None
+    version: int = 1
+    step: str = field(default="lowrank", init=False)
+
+    def __post_init__(self) -> None:
+        from .methods.registry import post_weight_methods
+
+        methods = post_weight_methods("lowrank")
+        if self.method not in methods:
+            raise ValueRangeError(f"method: unknown low-rank method {self.method!r}; choose from {tuple(methods)}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 65536:
+            raise ValueRangeError(f"rank: must be an int in [1, 65536], got {self.rank!r}")
+        _check_method_options(self, methods[self.method])
+
+    @property
+    def needs_calibration(self) -> bool:
+        from .methods.registry import post_weight_methods
+
+        return post_weight_methods("lowrank")[self.method].needs_calibration
+
+    def describe(self) -> str:
+        opts = "".join(f" {k}={v}" for k, v in (self.options or {}).items())
+        return f"{self.method.upper().replace('L2', 'L²')} rank {self.rank} fp16{opts}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 STEP_KINDS: dict[str, type] = {
-    "rotation": Rotate, "weight": WeightQuant, "embedding": EmbedQuant, "activation": ActQuant, "kv": KVQuant,
+    "rotation": Rotate, "weight": WeightQuant, "lowrank": LowRank, "embedding": EmbedQuant, "activation": ActQuant,
+    "kv": KVQuant,
 }
 #: the classes a "weight" step can be (a stored VectorQuant is told apart by its method)
 WEIGHT_STEPS: tuple[type, ...] = (WeightQuant, VectorQuant)
-STEP_ORDER = ("rotation", "weight", "embedding", "activation", "kv")
+STEP_ORDER = ("rotation", "weight", "lowrank", "embedding", "activation", "kv")
 
 
 def step_from_dict(d: dict, where: str = "step") -> Any:
@@ -593,6 +641,8 @@ class Recipe:
                 raise ValueRangeError(f"recipe[{i}]: a second {k!r} step; a recipe has at most one of each kind")
         ordered = tuple(sorted(self.steps, key=lambda s: STEP_ORDER.index(s.step)))
         object.__setattr__(self, "steps", ordered)
+        if "lowrank" in kinds and "weight" not in kinds:
+            raise ValueRangeError("recipe: a 'lowrank' step repairs the weight step's error; this recipe has no weight step")
 
     def _kind(self, kind: str) -> Any:
         return next((s for s in self.steps if s.step == kind), None)
@@ -608,6 +658,10 @@ class Recipe:
     @property
     def embedding(self) -> Optional[EmbedQuant]:
         return self._kind("embedding")
+
+    @property
+    def lowrank(self) -> Optional[LowRank]:
+        return self._kind("lowrank")
 
     @property
     def activation(self) -> Optional[ActQuant]:
@@ -669,6 +723,13 @@ PRESETS: dict[str, Recipe] = {
     "w3-affinequant": Recipe((WeightQuant("affinequant", 3, 64),), "w3-affinequant"),
     # LSI/CQE+: learned singular-value increments (a band of 3) with LWC, the loss two blocks ahead
     "w3-cqe": Recipe((WeightQuant("cqe", 3, 64),), "w3-cqe"),
+    # a rank-8 fp16 low-rank branch on every linear, fitted to the quantizer's error (lowbit.methods.lqer):
+    # L²QER weights the error by the inputs' magnitudes, LQER is the plain SVD (the comparison)
+    "w3-rtn-l2qer": Recipe((WeightQuant("rtn", 3, 64), LowRank("l2qer", 8)), "w3-rtn-l2qer"),
+    "w3-rtn-lqer": Recipe((WeightQuant("rtn", 3, 64), LowRank("lqer", 8)), "w3-rtn-lqer"),
+    "w2-gptq-l2qer": Recipe((WeightQuant("gptq", 2, 32), LowRank("l2qer", 8)), "w2-gptq-l2qer"),
+    # RILQ: the L²QER branches trained together on the whole model's loss (hidden-state MSE + CE)
+    "w2-gptq-rilq": Recipe((WeightQuant("gptq", 2, 32), LowRank("rilq", 8)), "w2-gptq-rilq"),
     # vector quantization: QuIP# (E8P lattice, incoherence, BlockLDLQ) and RSAVQ (Fisher-guided)
     "w2-quip": Recipe((VectorQuant("quip", 2),), "w2-quip"),
     "w3-quip": Recipe((VectorQuant("quip", 3),), "w3-quip"),

@@ -19,6 +19,7 @@ from .checkpoint import (
     read_report,
     save,
 )
+from .peft_adapter import save_peft_adapter
 
 __all__ = [
     "CONFIG_NAME",
@@ -28,6 +29,7 @@ __all__ = [
     "SUPPORTED_FORMAT_VERSIONS",
     "WEIGHTS_NAME",
     "load",
+    "save_peft_adapter",
     "load_with_tokenizer",
     "read_quantization_config",
     "read_report",

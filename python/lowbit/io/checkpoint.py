@@ -8,7 +8,8 @@ Layout of a checkpoint folder (format_version 2)::
                              "recipe": [...],                      # as given by the caller
                              "layers": {"model.layers.0.self_attn.q_proj": {
                                  "in_features", "out_features", "bits", "group_size", "kind", "sym",
-                                 "zero_const", "act_order", "bias", "method", "packing"},
+                                 "zero_const", "act_order", "bias", "method", "packing",
+                                 "lowrank": {"rank"}},                # only with a low-rank branch
                                  "model.layers.0.mlp.down_proj": {        # a VQLinear (QuIP#, RSAVQ)
                                      "format": "vq", "in_features", "out_features", "dim",
                                      "stages": [{"codebook", "k", "index_bits", "rows", "scale"}, ...],
@@ -31,7 +32,9 @@ Layout of a checkpoint folder (format_version 2)::
                          ``W`` stores ``W.qweight`` (uint8), ``W.scales`` (fp16), ``W.zeros`` (fp16,
                          asymmetric), ``W.perm`` (int64, act-order), ``W.bias``; a vector-quantized
                          one ``W.codes{s}`` (uint8), ``W.table{s}`` (fp16), ``W.rows{s}`` (int32),
-                         ``W.row_scale`` (fp16), ``W.su``/``W.sv`` (uint8 sign bits); a quantized
+                         ``W.row_scale`` (fp16), ``W.su``/``W.sv`` (uint8 sign bits); either with a
+                         low-rank branch (lowbit.nn.lowrank) also ``W.lowbit_lowrank.A`` / ``.B``
+                         (fp16, like every unquantized parameter); a quantized
                          embedding or untied head ``E.qweight`` (uint8), ``E.scales``/``E.zeros``
                          (fp16, per row), a tied head nothing (it reads the embedding's); header metadata
                          ``{"format": "pt", "lowbit_format_version": "2",
@@ -84,8 +87,11 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, DTypeError, UnsupportedModelError
+from ..errors import CheckpointError, DTypeError, UnsupportedModelError, ValueRangeError
 from ..nn.layer_formats import entry_format, format_of, layer_formats, stored_layer_classes
+from ..nn.lowrank import CONFIG_KEY as LOWRANK_KEY
+from ..nn.lowrank import LowRankBranch, attach_lowrank, lowrank_of
+from ..nn.lowrank import check_config as check_lowrank_config
 from .publish import publish, seal, staging
 from .untrusted import check_folder_files, check_regular_file, read_json
 
@@ -259,6 +265,9 @@ def _config_json(model: nn.Module, quantization_config: dict) -> tuple[dict, str
             if not fmt.has_data(mod):
                 raise CheckpointError(f"{name}: {type(mod).__name__} has no data (meta tensors)")
             layers[name] = mod.metadata()
+            branch = lowrank_of(mod)
+            if branch is not None:  # the side branch's tensors are the layer's float parameters
+                layers[name][LOWRANK_KEY] = branch.config()
     qc["layers"] = layers
     online = _online_config(model)
     if online:
@@ -691,6 +700,10 @@ def _check_layer_meta(name: str, meta: Any) -> None:
     _check_fields(where, meta, fmt.fields, fmt.size_fields)
     try:
         fmt.check_metadata(meta)
+        if LOWRANK_KEY in meta:
+            if fmt.role != "linear":
+                raise ValueRangeError(f"{LOWRANK_KEY}: a {fmt.name!r} layer has no low-rank branch (decoder linears do)")
+            check_lowrank_config(meta[LOWRANK_KEY], meta)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -750,6 +763,8 @@ def _install_quant_layers(model: nn.Module, layers: dict, dtype: torch.dtype) ->
         if problem:
             raise CheckpointError(f"{where}: {problem}")
         new = fmt.module.from_metadata(meta, device="meta", bias_dtype=dtype)
+        if LOWRANK_KEY in meta:  # checked by _check_layer_meta; A and B load with the other tensors
+            attach_lowrank(new, LowRankBranch(meta["in_features"], meta["out_features"], meta[LOWRANK_KEY]["rank"], device="meta"))
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)

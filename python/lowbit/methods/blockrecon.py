@@ -221,7 +221,7 @@ def adam_steps(
     step_loss: Callable[[int], torch.Tensor],
     steps: int,
     *,
-    after_step: Optional[Callable[[int, float], None]] = None,
+    after_step: Optional[Callable[[int, float], Optional[bool]]] = None,
 ) -> bool:
     """The training loop: ``steps`` Adam steps on ``step_loss(step)`` (AdamW for a group with a
     ``weight_decay``), each with a fresh backward pass.
@@ -230,7 +230,8 @@ def adam_steps(
         groups: torch optimizer parameter groups (``{"params": [...], "lr": ..., "weight_decay": ...}``).
         step_loss: the loss of step ``i`` (a scalar tensor with a graph to the parameters).
         steps: number of steps.
-        after_step: called with ``(i, loss)`` after each step (a projection, a progress bar).
+        after_step: called with ``(i, loss)`` after each step (a projection, a progress bar, an
+            early stop: the loop ends when it returns True).
 
     Returns:
         False when a loss was not finite (the loop stops there; the caller's keep-if-better check
@@ -248,8 +249,8 @@ def adam_steps(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if after_step is not None:
-                after_step(i, float(loss.detach()))
+            if after_step is not None and after_step(i, float(loss.detach())) is True:
+                break
     return True
 
 

@@ -238,17 +238,29 @@ class PostWeightMethod:
     The loop calls ``apply(step, model, adapter, calib) -> [(module name, bits per weight,
     relative weight error), ...] or None`` once, after the weight step (and its ``after_model``
     hook), before activation and KV-cache steps; it changes ``model`` in place (swapping in stored
-    layers) and its result becomes rows of the run report.
+    layers, attaching branches) and its result becomes rows of the run report (a row of a layer
+    the weight step reported replaces that row's bits and error, its method becomes
+    ``"<weight method>+<name>"``). With ``needs_reference`` it is called with
+    ``references={module name: (out, in) float32 weight}``: the weight each linear had when the
+    weight method quantized it (after rotations and merged transformations), kept by the loop
+    for this step only (LQER's error ``W − Q(W)``).
     """
 
     name: str
     kind: str
     apply: Callable[..., Optional[list]]
     needs_calibration: bool = False
+    needs_reference: bool = False
+    options: dict = field(default_factory=dict)  # its own hyper-parameters and their defaults (step.options)
+    check_step: Optional[Callable[[Any], None]] = None  # typed checks of a step's values (ValueRangeError)
+
+    def resolved_options(self, step: Any) -> dict:
+        """The method's options for ``step``: the defaults, replaced by the step's ``options``."""
+        return {**self.options, **(getattr(step, "options", None) or {})}
 
 
 def _load_post_weight() -> None:
-    from . import embed_quant  # noqa: F401  (registers itself)
+    from . import embed_quant, lqer, rilq  # noqa: F401  (each registers itself)
 
 
 _POST_WEIGHT: Registry[PostWeightMethod] = Registry("post-weight method", _load_post_weight)

@@ -31,6 +31,7 @@ from ..grids.base import GRID_KINDS, QuantizedWeight
 from ..layouts import uniform as _layout
 from ..layouts.uniform import STORED_DTYPES, PackingFormat, storage_bits
 from .dense_cache import DenseCache
+from .lowrank import add_branch, lowrank_bits, lowrank_of
 from .online import online_hadamard
 
 # PackingFormat and storage_bits live in lowbit.layouts.uniform (the kernels read them too); they
@@ -262,9 +263,11 @@ class QuantLinear(DenseCache, nn.Module):
     def bits_per_weight(self) -> float:
         """Stored bits per weight, counted from the buffers: packed codes + scales + zeros.
 
-        ``perm`` and ``bias`` are per-layer overheads, not counted (as in the usual W4 g64 = 4.5).
+        ``perm`` and ``bias`` are per-layer overheads, not counted (as in the usual W4 g64 = 4.5);
+        a low-rank branch (:mod:`lowbit.nn.lowrank`) is counted.
         """
         total = sum(t.numel() * t.element_size() * 8 for t in (self.qweight, self.scales, self.zeros) if t is not None)
+        total += lowrank_bits(self)
         return total / (self.in_features * self.out_features)
 
     # ------------------------------------------------------------------------------------------
@@ -306,6 +309,7 @@ class QuantLinear(DenseCache, nn.Module):
         return self.dequantize_weight()
 
     handles_input_transform = True  # forward applies ``lowbit_input`` itself (see lowbit.nn.online)
+    runs_lowrank = True  # forward adds a ``lowbit_lowrank`` branch (lowbit.nn.lowrank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self._modules.get("lowbit_input")
@@ -317,15 +321,16 @@ class QuantLinear(DenseCache, nn.Module):
             if t.hadamard:
                 x = online_hadamard(x)
             if t.act is not None and not gpu and not (x.requires_grad and torch.is_grad_enabled()):
-                return self._forward_int_act(x, t.act, b)
+                y = self._forward_int_act(x, t.act, b)
+                return y if lowrank_of(self) is None else add_branch(self, t.act(x), y)
             if t.act is not None:
                 x = t.act(x)  # on the GPU: the quantized activation's values, then the low-bit kernel
         if gpu:
             from ..kernels.uniform import UniformGPUWeight, uniform_matmul
 
-            return uniform_matmul(x, self.gpu_layout(lambda: UniformGPUWeight.from_quant_linear(self)))
+            return add_branch(self, x, uniform_matmul(x, self.gpu_layout(lambda: UniformGPUWeight.from_quant_linear(self))))
         w = self.weight_for(x.dtype)
-        return F.linear(x, w, b)
+        return add_branch(self, x, F.linear(x, w, b))
 
     def _forward_int_act(self, x: torch.Tensor, act: Any, b: Optional[torch.Tensor]) -> torch.Tensor:
         """``y = Σ_groups s_g · ((c_g − z_g) @ W_gᵀ)``: the matmul runs on the integer activation codes.

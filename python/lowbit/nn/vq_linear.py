@@ -40,6 +40,7 @@ from ..errors import ShapeError, ValueRangeError
 from ..grids.vq import CODEBOOKS, VQStage, VQWeight, index_bits
 from ..layouts import vq as _layout
 from .dense_cache import DenseCache
+from .lowrank import add_branch, lowrank_bits, lowrank_of
 from .online import online_hadamard
 
 __all__ = ["VQLinear"]
@@ -219,9 +220,10 @@ class VQLinear(DenseCache, nn.Module):
     # the stored form
 
     def bits_per_weight(self) -> float:
-        """Stored bits per weight counted from the buffers (codes, tables, rows, scales, signs; not bias)."""
+        """Stored bits per weight counted from the buffers (codes, tables, rows, scales, signs; not bias),
+        plus a low-rank branch (:mod:`lowbit.nn.lowrank`)."""
         total = sum(t.numel() * t.element_size() * 8 for n, t in self._buffers.items() if t is not None)
-        return total / (self.in_features * self.out_features)
+        return (total + lowrank_bits(self)) / (self.in_features * self.out_features)
 
     def signs(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``(su, sv)`` as ±1 float32 vectors (``(None, None)`` without incoherence)."""
@@ -322,6 +324,8 @@ class VQLinear(DenseCache, nn.Module):
             self.row_scale = rs.detach().to(torch.float16).contiguous()
             self.set_in_scale(ins.detach())
 
+    runs_lowrank = True  # forward adds a ``lowbit_lowrank`` branch (lowbit.nn.lowrank)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self._modules.get("lowbit_input")
         if t is not None:
@@ -329,6 +333,12 @@ class VQLinear(DenseCache, nn.Module):
                 x = online_hadamard(x)
             if t.act is not None:
                 x = t.act(x)
+        if lowrank_of(self) is not None:
+            return add_branch(self, x, self._forward_main(x))
+        return self._forward_main(x)
+
+    def _forward_main(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized weight's product with the (already transformed) input."""
         if self._tune is None and self.use_cuda_kernels(x):
             from ..kernels import vq as kvq
 
