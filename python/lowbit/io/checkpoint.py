@@ -214,6 +214,28 @@ def save(
         _check_json("report", report)
     tensors = _state_tensors(model, dense_dtype)
 
+
+    def write(tmp: Path) -> None:
+        _write_weights(tensors, tmp / WEIGHTS_NAME, digest)
+        _write_json(config, tmp / CONFIG_NAME)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if report is not None:
+            _write_json(report, tmp / REPORT_NAME)
+
+    publish_folder(out_dir, write, overwrite=overwrite, volatile=(REPORT_NAME,) if report is not None else ())
+    return out_dir
+
+
+def publish_folder(out_dir: Path, write: Any, *, overwrite: bool, volatile: tuple[str, ...] = ()) -> None:
+    """Create ``out_dir`` (absolute) atomically: ``write(tmp)`` fills a staging folder, the manifest
+    of what it wrote is added (``volatile`` files by name only), and the folder is published —
+    replacing an existing ``out_dir`` only with ``overwrite`` and only if a lowbit save wrote it.
+
+    Raises:
+        CheckpointError: ``out_dir`` exists (without ``overwrite``, or holding files lowbit did not
+            write); the folder cannot be written (the OS reason). Nothing is left behind.
+    """
     if os.path.lexists(out_dir):
         if not overwrite:
             raise CheckpointError(f"out_dir: {str(out_dir)!r} already exists; pass overwrite=True to replace it")
@@ -221,18 +243,12 @@ def save(
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with staging(out_dir) as tmp:
-            _write_weights(tensors, tmp / WEIGHTS_NAME, digest)
-            _write_json(config, tmp / CONFIG_NAME)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            if report is not None:
-                _write_json(report, tmp / REPORT_NAME)
-            _write_manifest(tmp, volatile=(REPORT_NAME,) if report is not None else ())
+            write(tmp)
+            _write_manifest(tmp, volatile=volatile)
             seal(tmp)
             publish(tmp, out_dir, overwrite=overwrite, replaceable=check_replaceable)
     except OSError as e:
         raise CheckpointError(f"out_dir: cannot write {str(out_dir)!r}: {e.strerror or e}") from e
-    return out_dir
 
 
 def _check_json(where: str, obj: Any) -> str:

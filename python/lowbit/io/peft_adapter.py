@@ -14,7 +14,6 @@ save wrote).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -22,11 +21,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ValueRangeError
+from ..errors import ValueRangeError
 from ..nn.lowrank import lowrank_of
 from ..nn.online import input_transform_of
-from .checkpoint import _write_json, _write_manifest, check_replaceable
-from .publish import publish, seal, staging
+from .checkpoint import _write_json, publish_folder
 
 __all__ = ["save_peft_adapter", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -99,20 +97,11 @@ def save_peft_adapter(model: nn.Module, out_dir: Union[str, os.PathLike], *, ove
         "inference_mode": True,
         "init_lora_weights": True,
     }
-    json.dumps(config)
     out_dir = Path(os.path.abspath(out_dir))
-    if os.path.lexists(out_dir):
-        if not overwrite:
-            raise CheckpointError(f"out_dir: {str(out_dir)!r} already exists; pass overwrite=True to replace it")
-        check_replaceable(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with staging(out_dir) as tmp:
-            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            _write_json(config, tmp / ADAPTER_CONFIG)
-            _write_manifest(tmp, volatile=())
-            seal(tmp)
-            publish(tmp, out_dir, overwrite=overwrite, replaceable=check_replaceable)
-    except OSError as e:
-        raise CheckpointError(f"out_dir: cannot write {str(out_dir)!r}: {e.strerror or e}") from e
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _write_json(config, tmp / ADAPTER_CONFIG)
+
+    publish_folder(out_dir, write, overwrite=overwrite)
     return out_dir

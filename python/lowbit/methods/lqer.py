@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import ShapeError, ValueRangeError
 from ..nn.layer_formats import stored_layer_classes
-from ..nn.lowrank import LowRankBranch, attach_lowrank
+from ..nn.lowrank import LowRankBranch, attach_lowrank, lowrank_of
 from ..nn.online import input_transform_of, online_hadamard
 
 __all__ = ["lqer_factors", "input_magnitudes", "attach_lqer", "SCALE_CLAMP_MIN"]
@@ -144,11 +144,7 @@ def attach_lqer(model: nn.Module, references: dict, rank: int, calib: Optional[t
             stored linear.
         ShapeError: ``scaled`` without ``calib``.
     """
-    linears = stored_layer_classes("linear")
-    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, linears) and name in references}
-    missing = sorted(set(references) - set(layers))
-    if missing:
-        raise ValueRangeError(f"lowrank: the weight step's layers {missing[:3]} are no longer stored linears")
+    layers = referenced_linears(model, references)
     for name, mod in layers.items():
         if rank > min(mod.in_features, mod.out_features):
             raise ValueRangeError(f"rank: {rank} is more than {name}'s min(in, out) = {min(mod.in_features, mod.out_features)}")
@@ -156,14 +152,38 @@ def attach_lqer(model: nn.Module, references: dict, rank: int, calib: Optional[t
         if calib is None:
             raise ShapeError("calib: an activation-scaled low-rank step (L²QER) needs calibration token ids (n, seqlen)")
         mags = input_magnitudes(model, layers, calib)
-    rows = []
     for name, mod in layers.items():  # in the model's order
         W = references[name].float()
         Q = mod.dequantize_weight().float().to(W.device)
         A, B = lqer_factors(W - Q, rank, normalised_scale(mags[name]) if scaled else None)
         branch = LowRankBranch.from_factors(A.half().float(), B.half().float())  # the values fp16 stores
         attach_lowrank(mod, branch.to(Q.device))
-        err = float((Q + branch.delta_weight().to(Q.device) - W).norm() / W.norm().clamp_min(1e-30))
+    return branch_rows(layers, references)
+
+
+def referenced_linears(model: nn.Module, references: dict) -> dict[str, nn.Module]:
+    """The stored linears of ``model`` that ``references`` holds the float weight of, in the model's order.
+
+    Raises:
+        ValueRangeError: a referenced layer that is no stored linear any more.
+    """
+    linears = stored_layer_classes("linear")
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, linears) and name in references}
+    missing = sorted(set(references) - set(layers))
+    if missing:
+        raise ValueRangeError(f"lowrank: the weight step's layers {missing[:3]} are no longer stored linears")
+    return layers
+
+
+@torch.no_grad()
+def branch_rows(layers: dict[str, nn.Module], references: dict) -> list:
+    """``[(name, bits per weight with the branch, relative weight error with it), ...]``: the
+    report rows of ``layers`` (name → stored linear with a branch) against their float weights."""
+    rows = []
+    for name, mod in layers.items():
+        W = references[name].float()
+        Q = mod.dequantize_weight().float().to(W.device)
+        err = float((Q + lowrank_of(mod).delta_weight().to(Q.device) - W).norm() / W.norm().clamp_min(1e-30))
         rows.append((name, mod.bits_per_weight(), err))
     return rows
 

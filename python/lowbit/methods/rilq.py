@@ -40,11 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShapeError, ValueRangeError
-from ..nn.layer_formats import stored_layer_classes
 from ..nn.lowrank import lowrank_of
 from ..nn.online import _handles_itself, input_transform_of, online_hadamard
 from .blockrecon import adam_steps, check_recon_options
-from .lqer import attach_lqer
+from .lqer import attach_lqer, branch_rows, referenced_linears
 
 __all__ = ["OPTIONS", "reference_forward", "train_branches"]
 
@@ -176,21 +175,15 @@ def _apply(step: Any, model: nn.Module, adapter: Any, calib: Optional[torch.Tens
     with torch.no_grad(), reference_forward(model, references):
         targets = torch.cat([_hidden_and_logits(model, calib[i : i + 4])[0].float() for i in range(0, calib.shape[0], 4)])
     attach_lqer(model, references, step.rank, calib, scaled=True)
-    linears = stored_layer_classes("linear")
-    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, linears) and name in references}
+    layers = referenced_linears(model, references)
     branches = [lowrank_of(m) for m in layers.values()]
     start, best, ran = train_branches(model, branches, calib, targets, opts)
     log.info("RILQ: held-back loss %.4f -> %.4f in %d steps", start, best, ran)
-    rows = []
     with torch.no_grad():
-        for name, mod in layers.items():
-            b = lowrank_of(mod)
+        for b in branches:
             b.A.copy_(b.A.half().float())  # the values fp16 stores
             b.B.copy_(b.B.half().float())
-            W = references[name].float()
-            err = float((mod.dequantize_weight().float() + b.delta_weight() - W).norm() / W.norm().clamp_min(1e-30))
-            rows.append((name, mod.bits_per_weight(), err))
-    return rows
+    return branch_rows(layers, references)
 
 
 def _resolved(step: Any) -> dict:
